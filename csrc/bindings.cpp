@@ -1,0 +1,263 @@
+// Torch op registration for the one-sided all-to-all: turns tensors into the
+// plain structs of launch.h after checking them. Python (vllm_a2a_plugin/ops.py)
+// validates first with friendlier messages; these checks are the last guard
+// before a kernel gets a pointer.
+//
+// Built two ways: with CUDA (A2A_WITH_CUDA) it registers every op; without, only
+// the layout op and the schemas, so CPU-only installs still share the layout and
+// torch.compile can trace the ops through their fake implementations.
+#include <torch/library.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "launch.h"
+#include "workspace_layout.h"
+
+#ifdef A2A_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime.h>
+#endif
+
+namespace a2a {
+namespace {
+
+WorkspaceSpec make_spec(int64_t ep_size, int64_t max_tokens_per_rank, int64_t top_k,
+                        c10::IntArrayRef payload_row_bytes, int64_t combine_row_bytes) {
+  TORCH_CHECK(ep_size >= 1 && ep_size <= kMaxRanks, "ep_size (", ep_size, ") must be in [1, ",
+              kMaxRanks, "]");
+  TORCH_CHECK(max_tokens_per_rank >= 0, "max_tokens_per_rank (", max_tokens_per_rank,
+              ") must be >= 0");
+  TORCH_CHECK(top_k >= 1 && top_k <= kMaxTopK, "top_k (", top_k, ") must be in [1, ", kMaxTopK, "]");
+  TORCH_CHECK(static_cast<int64_t>(payload_row_bytes.size()) <= kMaxPayloads, "at most ",
+              kMaxPayloads, " payloads, got ", payload_row_bytes.size());
+  TORCH_CHECK(combine_row_bytes >= 0 && combine_row_bytes % 16 == 0, "combine_row_bytes (",
+              combine_row_bytes, ") must be a non-negative multiple of 16");
+  WorkspaceSpec spec{};
+  spec.ep_size = static_cast<int32_t>(ep_size);
+  spec.max_tokens_per_rank = static_cast<int32_t>(max_tokens_per_rank);
+  spec.top_k = static_cast<int32_t>(top_k);
+  spec.num_payloads = static_cast<int32_t>(payload_row_bytes.size());
+  for (size_t i = 0; i < payload_row_bytes.size(); ++i) {
+    TORCH_CHECK(payload_row_bytes[i] > 0 && payload_row_bytes[i] % 4 == 0, "payload ", i,
+                " row bytes (", payload_row_bytes[i], ") must be a positive multiple of 4");
+    spec.payload_row_bytes[i] = payload_row_bytes[i];
+  }
+  spec.combine_row_bytes = combine_row_bytes;
+  return spec;
+}
+
+std::vector<int64_t> workspace_layout(int64_t ep_size, int64_t max_tokens_per_rank, int64_t top_k,
+                                      c10::IntArrayRef payload_row_bytes, int64_t combine_row_bytes) {
+  const WorkspaceSpec spec =
+      make_spec(ep_size, max_tokens_per_rank, top_k, payload_row_bytes, combine_row_bytes);
+  const WorkspaceLayout layout = make_workspace_layout(spec);
+  std::vector<int64_t> out;
+  out.reserve(layout_vector_size(spec.num_payloads));
+  out.push_back(layout.header);
+  out.push_back(layout.recv_topk_ids);
+  out.push_back(layout.recv_topk_weights);
+  for (int i = 0; i < spec.num_payloads; ++i) out.push_back(layout.payload[i]);
+  out.push_back(layout.combine);
+  out.push_back(layout.total_bytes);
+  return out;
+}
+
+// Byte offsets of the header fields, so Python tests can read flags and epochs
+// without repeating the struct.
+std::vector<int64_t> header_field_offsets() {
+  return {
+      static_cast<int64_t>(offsetof(WorkspaceHeader, dispatch_flags)),
+      static_cast<int64_t>(offsetof(WorkspaceHeader, combine_flags)),
+      static_cast<int64_t>(offsetof(WorkspaceHeader, sender_runtime_tokens)),
+      static_cast<int64_t>(offsetof(WorkspaceHeader, dispatch_epoch)),
+      static_cast<int64_t>(offsetof(WorkspaceHeader, combine_epoch)),
+      static_cast<int64_t>(sizeof(WorkspaceHeader)),
+  };
+}
+
+std::vector<int64_t> limits() { return {kMaxRanks, kMaxPayloads, kMaxTopK, kMaxExperts}; }
+
+#ifdef A2A_WITH_CUDA
+
+int64_t row_bytes_of(const at::Tensor& t) {
+  int64_t row = t.element_size();
+  for (int64_t d = 1; d < t.dim(); ++d) row *= t.size(d);
+  return row;
+}
+
+void check_cuda_tensor(const at::Tensor& t, const char* name, const at::Device& device) {
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got ", t.device());
+  TORCH_CHECK(t.device() == device, name, " is on ", t.device(), " but the workspace is on ", device);
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+CommonParams make_common(const at::Tensor& workspace, c10::IntArrayRef peer_ptrs, int64_t rank,
+                         const at::Tensor& topk_ids, const at::Tensor& expert_owner,
+                         const at::Tensor& error_record, const WorkspaceSpec& spec,
+                         int64_t runtime_max_tokens, int64_t phases, int64_t num_blocks,
+                         int64_t threads_per_block, int64_t timeout_ns) {
+  const at::Device device = workspace.device();
+  TORCH_CHECK(workspace.is_cuda() && workspace.scalar_type() == at::kByte && workspace.dim() == 1,
+              "workspace must be a 1-D uint8 CUDA tensor");
+  const WorkspaceLayout layout = make_workspace_layout(spec);
+  TORCH_CHECK(workspace.numel() >= layout.total_bytes, "workspace has ", workspace.numel(),
+              " bytes but this spec needs ", layout.total_bytes);
+  TORCH_CHECK(static_cast<int64_t>(peer_ptrs.size()) == spec.ep_size, "peer_ptrs has ",
+              peer_ptrs.size(), " entries for ep_size ", spec.ep_size);
+  TORCH_CHECK(rank >= 0 && rank < spec.ep_size, "rank (", rank, ") must be in [0, ", spec.ep_size, ")");
+  TORCH_CHECK(peer_ptrs[rank] == reinterpret_cast<int64_t>(workspace.data_ptr()),
+              "peer_ptrs[rank] must be this rank's workspace");
+  check_cuda_tensor(topk_ids, "topk_ids", device);
+  TORCH_CHECK(topk_ids.scalar_type() == at::kInt && topk_ids.dim() == 2 &&
+                  topk_ids.size(1) == spec.top_k,
+              "topk_ids must be int32 [num_tokens, ", spec.top_k, "], got ", topk_ids.scalar_type(),
+              " ", topk_ids.sizes());
+  check_cuda_tensor(expert_owner, "expert_owner", device);
+  TORCH_CHECK(expert_owner.scalar_type() == at::kInt && expert_owner.dim() == 1 &&
+                  expert_owner.numel() >= 1 && expert_owner.numel() <= kMaxExperts,
+              "expert_owner must be int32 [num_experts] with num_experts in [1, ", kMaxExperts, "]");
+  TORCH_CHECK(error_record.device().is_cpu() && error_record.is_pinned() &&
+                  error_record.scalar_type() == at::kInt && error_record.numel() >= kErrorRecordSize,
+              "error_record must be a pinned int32 CPU tensor of ", kErrorRecordSize, " elements");
+  const int64_t num_tokens = topk_ids.size(0);
+  TORCH_CHECK(runtime_max_tokens >= num_tokens && runtime_max_tokens <= spec.max_tokens_per_rank,
+              "runtime_max_tokens (", runtime_max_tokens, ") must be >= num_tokens (", num_tokens,
+              ") and <= the workspace's max_tokens_per_rank (", spec.max_tokens_per_rank, ")");
+  TORCH_CHECK(phases >= 1 && phases <= 3, "phases must be 1, 2 or 3");
+  TORCH_CHECK(threads_per_block >= 32 && threads_per_block <= 1024 && threads_per_block % 32 == 0,
+              "threads_per_block (", threads_per_block, ") must be a multiple of 32 in [32, 1024]");
+  TORCH_CHECK(timeout_ns > 0, "timeout_ns must be positive");
+
+  CommonParams p{};
+  p.rank = static_cast<int>(rank);
+  p.ep_size = spec.ep_size;
+  p.top_k = spec.top_k;
+  p.num_experts = static_cast<int>(expert_owner.numel());
+  p.num_local_tokens = static_cast<int>(num_tokens);
+  p.runtime_max_tokens = static_cast<int>(runtime_max_tokens);
+  for (int r = 0; r < spec.ep_size; ++r) p.peer_workspaces[r] = static_cast<uint64_t>(peer_ptrs[r]);
+  p.layout = layout;
+  p.topk_ids = topk_ids.data_ptr<int32_t>();
+  p.expert_owner = expert_owner.data_ptr<int32_t>();
+  void* device_record = nullptr;
+  C10_CUDA_CHECK(cudaHostGetDevicePointer(&device_record, error_record.data_ptr(), 0));
+  p.error_record = static_cast<int32_t*>(device_record);
+  p.timeout_ns = static_cast<uint64_t>(timeout_ns);
+  p.phases = static_cast<int>(phases);
+  p.num_blocks = static_cast<int>(num_blocks);
+  p.threads_per_block = static_cast<int>(threads_per_block);
+  return p;
+}
+
+void dispatch(at::Tensor& workspace, c10::IntArrayRef peer_ptrs, int64_t rank,
+              at::TensorList payloads, const at::Tensor& topk_ids,
+              const std::optional<at::Tensor>& topk_weights, const at::Tensor& expert_owner,
+              const at::Tensor& pad_ids, at::Tensor& error_record, int64_t max_tokens_per_rank,
+              int64_t runtime_max_tokens, int64_t combine_row_bytes, int64_t phases,
+              int64_t num_blocks, int64_t threads_per_block, int64_t timeout_ns) {
+  const c10::cuda::CUDAGuard guard(workspace.device());
+  std::vector<int64_t> row_bytes;
+  for (const at::Tensor& payload : payloads) row_bytes.push_back(row_bytes_of(payload));
+  const WorkspaceSpec spec = make_spec(static_cast<int64_t>(peer_ptrs.size()), max_tokens_per_rank,
+                                       topk_ids.dim() == 2 ? topk_ids.size(1) : 0, row_bytes,
+                                       combine_row_bytes);
+  DispatchParams dp{};
+  dp.common = make_common(workspace, peer_ptrs, rank, topk_ids, expert_owner, error_record, spec,
+                          runtime_max_tokens, phases, num_blocks, threads_per_block, timeout_ns);
+  check_cuda_tensor(pad_ids, "pad_ids", workspace.device());
+  TORCH_CHECK(pad_ids.scalar_type() == at::kInt && pad_ids.numel() == spec.ep_size,
+              "pad_ids must be int32 [ep_size]");
+  dp.pad_ids = pad_ids.data_ptr<int32_t>();
+  if (topk_weights.has_value()) {
+    check_cuda_tensor(*topk_weights, "topk_weights", workspace.device());
+    TORCH_CHECK(topk_weights->scalar_type() == at::kFloat && topk_weights->sizes() == topk_ids.sizes(),
+                "topk_weights must be float32 with the shape of topk_ids");
+    dp.topk_weights = topk_weights->data_ptr<float>();
+  }
+  dp.num_payloads = static_cast<int>(payloads.size());
+  for (size_t i = 0; i < payloads.size(); ++i) {
+    check_cuda_tensor(payloads[i], "payload", workspace.device());
+    TORCH_CHECK(payloads[i].dim() >= 1 && payloads[i].size(0) == topk_ids.size(0), "payload ", i,
+                " has ", payloads[i].size(0), " rows but topk_ids has ", topk_ids.size(0));
+    dp.payloads[i] = payloads[i].data_ptr();
+    dp.payload_row_bytes[i] = row_bytes[i];
+  }
+  const int err = launch_dispatch(dp, at::cuda::getCurrentCUDAStream(workspace.device().index()));
+  C10_CUDA_CHECK(static_cast<cudaError_t>(err));
+}
+
+void combine(at::Tensor& workspace, c10::IntArrayRef peer_ptrs, int64_t rank,
+             const at::Tensor& topk_ids, const at::Tensor& expert_owner, at::Tensor& out,
+             at::Tensor& error_record, int64_t max_tokens_per_rank, int64_t runtime_max_tokens,
+             c10::IntArrayRef payload_row_bytes, int64_t phases, int64_t num_blocks,
+             int64_t threads_per_block, int64_t timeout_ns) {
+  const c10::cuda::CUDAGuard guard(workspace.device());
+  check_cuda_tensor(out, "out", workspace.device());
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == topk_ids.size(0), "out must be [num_tokens, hidden]");
+  const int64_t combine_row_bytes = out.size(1) * out.element_size();
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0, "out must be 16-byte aligned");
+  const WorkspaceSpec spec =
+      make_spec(static_cast<int64_t>(peer_ptrs.size()), max_tokens_per_rank,
+                topk_ids.dim() == 2 ? topk_ids.size(1) : 0, payload_row_bytes, combine_row_bytes);
+  CombineParams cp{};
+  cp.common = make_common(workspace, peer_ptrs, rank, topk_ids, expert_owner, error_record, spec,
+                          runtime_max_tokens, phases, num_blocks, threads_per_block, timeout_ns);
+  switch (out.scalar_type()) {
+    case at::kFloat: cp.dtype = CombineDtype::kFloat32; break;
+    case at::kHalf: cp.dtype = CombineDtype::kFloat16; break;
+    case at::kBFloat16: cp.dtype = CombineDtype::kBFloat16; break;
+    default: TORCH_CHECK(false, "combine supports float32, float16 and bfloat16, got ", out.scalar_type());
+  }
+  cp.hidden_size = static_cast<int>(out.size(1));
+  cp.output = out.data_ptr();
+  const int err = launch_combine(cp, at::cuda::getCurrentCUDAStream(workspace.device().index()));
+  C10_CUDA_CHECK(static_cast<cudaError_t>(err));
+}
+
+int64_t combine_max_resident_blocks_op(int64_t device, int64_t threads_per_block) {
+  return combine_max_resident_blocks(static_cast<int>(device), static_cast<int>(threads_per_block));
+}
+
+#endif  // A2A_WITH_CUDA
+
+bool built_with_cuda() {
+#ifdef A2A_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+}  // namespace a2a
+
+TORCH_LIBRARY(a2a_one_sided, m) {
+  m.def("workspace_layout(int ep_size, int max_tokens_per_rank, int top_k, int[] payload_row_bytes, "
+        "int combine_row_bytes) -> int[]",
+        &a2a::workspace_layout);
+  m.def("header_field_offsets() -> int[]", &a2a::header_field_offsets);
+  m.def("limits() -> int[]", &a2a::limits);
+  m.def("built_with_cuda() -> bool", &a2a::built_with_cuda);
+  m.def("dispatch(Tensor(a!) workspace, int[] peer_ptrs, int rank, Tensor[] payloads, "
+        "Tensor topk_ids, Tensor? topk_weights, Tensor expert_owner, Tensor pad_ids, "
+        "Tensor(b!) error_record, int max_tokens_per_rank, int runtime_max_tokens, "
+        "int combine_row_bytes, int phases, int num_blocks, int threads_per_block, "
+        "int timeout_ns) -> ()");
+  m.def("combine(Tensor(a!) workspace, int[] peer_ptrs, int rank, Tensor topk_ids, "
+        "Tensor expert_owner, Tensor(b!) out, Tensor(c!) error_record, int max_tokens_per_rank, "
+        "int runtime_max_tokens, int[] payload_row_bytes, int phases, int num_blocks, "
+        "int threads_per_block, int timeout_ns) -> ()");
+#ifdef A2A_WITH_CUDA
+  m.def("combine_max_resident_blocks(int device, int threads_per_block) -> int",
+        &a2a::combine_max_resident_blocks_op);
+#endif
+}
+
+#ifdef A2A_WITH_CUDA
+TORCH_LIBRARY_IMPL(a2a_one_sided, CUDA, m) {
+  m.impl("dispatch", &a2a::dispatch);
+  m.impl("combine", &a2a::combine);
+}
+#endif

@@ -1,0 +1,197 @@
+// One-sided combine: each rank's experts leave their reduced outputs in its own
+// workspace ([sender, token] slots, zero-copy). After a barrier (every rank
+// raises a flag in every peer), each sender pulls, for each of its tokens, the
+// partial results from the token's distinct target ranks and sums them in fp32.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "device_utils.cuh"
+#include "launch.h"
+
+namespace a2a {
+namespace {
+
+constexpr int kPhaseIdCombine = 1;
+
+// 16 bytes of T <-> 4 / 8 / 8 fp32 accumulators.
+template <typename T>
+struct Pack;
+template <>
+struct Pack<float> {
+  static constexpr int kElems = 4;
+  __device__ static void add(const uint4& v, float* acc) {
+    acc[0] += __uint_as_float(v.x);
+    acc[1] += __uint_as_float(v.y);
+    acc[2] += __uint_as_float(v.z);
+    acc[3] += __uint_as_float(v.w);
+  }
+  __device__ static uint4 store(const float* acc) {
+    return make_uint4(__float_as_uint(acc[0]), __float_as_uint(acc[1]), __float_as_uint(acc[2]),
+                      __float_as_uint(acc[3]));
+  }
+};
+template <>
+struct Pack<__nv_bfloat16> {
+  static constexpr int kElems = 8;
+  __device__ static void add(const uint4& v, float* acc) {
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = __bfloat1622float2(h[i]);
+      acc[2 * i] += f.x;
+      acc[2 * i + 1] += f.y;
+    }
+  }
+  __device__ static uint4 store(const float* acc) {
+    uint4 out;
+    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&out);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
+    return out;
+  }
+};
+template <>
+struct Pack<__half> {
+  static constexpr int kElems = 8;
+  __device__ static void add(const uint4& v, float* acc) {
+    const __half2* h = reinterpret_cast<const __half2*>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = __half22float2(h[i]);
+      acc[2 * i] += f.x;
+      acc[2 * i + 1] += f.y;
+    }
+  }
+  __device__ static uint4 store(const float* acc) {
+    uint4 out;
+    __half2* h = reinterpret_cast<__half2*>(&out);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) h[i] = __floats2half2_rn(acc[2 * i], acc[2 * i + 1]);
+    return out;
+  }
+};
+
+__device__ void raise_combine_flags(const CommonParams& p, uint32_t epoch) {
+  // The experts' writes to our combine region happened in earlier kernels of this
+  // stream; the fence orders them before peers can see the flag.
+  for (int peer = threadIdx.x; peer < p.ep_size; peer += blockDim.x) {
+    __threadfence_system();
+    st_release_sys(&header_of(p, peer)->combine_flags[p.rank], epoch);
+  }
+}
+
+// Every block waits for itself: no block depends on another block of this launch,
+// only on peers' flags (raised by the peers' first block).
+__device__ bool wait_for_peers(const CommonParams& p, uint32_t epoch) {
+  __shared__ int timed_out;
+  if (threadIdx.x == 0) timed_out = 0;
+  __syncthreads();
+  WorkspaceHeader* hdr = header_of(p, p.rank);
+  for (int peer = threadIdx.x; peer < p.ep_size; peer += blockDim.x) {
+    if (peer == p.rank) continue;  // our own combine input is ready by stream order
+    if (!wait_flag(p, &hdr->combine_flags[peer], epoch, peer, kPhaseIdCombine)) timed_out = 1;
+  }
+  __syncthreads();
+  return timed_out == 0;
+}
+
+template <typename T>
+__device__ void reduce_tokens(const CombineParams& cp) {
+  const CommonParams& p = cp.common;
+  const int lane = threadIdx.x % 32;
+  const int warps_per_block = blockDim.x / 32;
+  const int global_warp = blockIdx.x * warps_per_block + threadIdx.x / 32;
+  const int total_warps = gridDim.x * warps_per_block;
+  const int k = p.top_k;
+  const int64_t row_bytes = int64_t(cp.hidden_size) * sizeof(T);
+  const int64_t num_vecs = row_bytes / 16;
+  constexpr int kElems = Pack<T>::kElems;
+
+  for (int t = global_warp; t < p.num_local_tokens; t += total_warps) {
+    int owner = -1;
+    if (lane < k) {
+      const int expert = p.topk_ids[int64_t(t) * k + lane];
+      if (expert >= 0 && expert < p.num_experts) owner = p.expert_owner[expert];
+    }
+    uint64_t targets = warp_or_u64(owner >= 0 ? (1ull << owner) : 0ull);
+    const uint8_t* sources[kMaxTopK];
+    int num_sources = 0;
+    const int64_t slot_offset =
+        p.layout.combine + (int64_t(p.rank) * p.runtime_max_tokens + t) * row_bytes;
+#pragma unroll
+    for (int i = 0; i < kMaxTopK; ++i) {
+      if (targets) {
+        const int rank = __ffsll(static_cast<long long>(targets)) - 1;
+        targets &= targets - 1;
+        sources[i] = workspace_of(p, rank) + slot_offset;
+        num_sources = i + 1;
+      }
+    }
+    uint4* dst = reinterpret_cast<uint4*>(static_cast<uint8_t*>(cp.output) + int64_t(t) * row_bytes);
+    for (int64_t v = lane; v < num_vecs; v += 32) {
+      float acc[kElems];
+#pragma unroll
+      for (int e = 0; e < kElems; ++e) acc[e] = 0.f;
+      uint4 loaded[kMaxTopK];
+#pragma unroll
+      for (int i = 0; i < kMaxTopK; ++i) {
+        if (i < num_sources) loaded[i] = reinterpret_cast<const uint4*>(sources[i])[v];
+      }
+#pragma unroll
+      for (int i = 0; i < kMaxTopK; ++i) {
+        if (i < num_sources) Pack<T>::add(loaded[i], acc);
+      }
+      dst[v] = Pack<T>::store(acc);
+    }
+  }
+}
+
+template <typename T>
+__global__ void combine_kernel(const __grid_constant__ CombineParams cp) {
+  const CommonParams& p = cp.common;
+  WorkspaceHeader* my_hdr = header_of(p, p.rank);
+  const uint32_t epoch = *reinterpret_cast<volatile uint32_t*>(&my_hdr->combine_epoch) + 1;
+
+  if ((p.phases & kPhaseSend) && blockIdx.x == 0) raise_combine_flags(p, epoch);
+  if (!(p.phases & kPhaseWait)) return;
+  const bool ready = wait_for_peers(p, epoch);
+  if (ready) reduce_tokens<T>(cp);
+  if (arrive_last_block(&my_hdr->combine_blocks_done) && threadIdx.x == 0) {
+    my_hdr->combine_epoch = epoch;
+  }
+}
+
+}  // namespace
+
+int launch_combine(const CombineParams& params, cudaStream_t stream) {
+  int blocks = params.common.num_blocks;
+  if ((params.common.phases & kPhaseWait) == 0) blocks = 1;  // signal-only: one block
+  if (blocks < 1) blocks = 1;
+  const int threads = params.common.threads_per_block;
+  switch (params.dtype) {
+    case CombineDtype::kFloat32:
+      combine_kernel<float><<<blocks, threads, 0, stream>>>(params);
+      break;
+    case CombineDtype::kFloat16:
+      combine_kernel<__half><<<blocks, threads, 0, stream>>>(params);
+      break;
+    case CombineDtype::kBFloat16:
+      combine_kernel<__nv_bfloat16><<<blocks, threads, 0, stream>>>(params);
+      break;
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
+int combine_max_resident_blocks(int device, int threads_per_block) {
+  int sms = 0;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) return 0;
+  int per_sm = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, combine_kernel<float>, threads_per_block,
+                                                    0) != cudaSuccess) {
+    return 0;
+  }
+  return sms * per_sm;
+}
+
+}  // namespace a2a

@@ -1,0 +1,101 @@
+// Device helpers shared by the dispatch and combine kernels: system-scope
+// acquire/release on peer-visible words, bounded spin-waits, error reporting.
+#pragma once
+
+#include <cstdint>
+#include <cstdio>
+
+#include "launch.h"
+#include "workspace_layout.h"
+
+namespace a2a {
+
+__device__ __forceinline__ uint32_t ld_acquire_sys(const uint32_t* ptr) {
+  uint32_t value;
+  asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(value) : "l"(ptr) : "memory");
+  return value;
+}
+
+__device__ __forceinline__ void st_release_sys(uint32_t* ptr, uint32_t value) {
+  asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(ptr), "r"(value) : "memory");
+}
+
+__device__ __forceinline__ void st_relaxed_sys(uint32_t* ptr, uint32_t value) {
+  asm volatile("st.relaxed.sys.global.u32 [%0], %1;" ::"l"(ptr), "r"(value) : "memory");
+}
+
+__device__ __forceinline__ uint64_t global_timer_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+__device__ __forceinline__ uint8_t* workspace_of(const CommonParams& p, int rank) {
+  return reinterpret_cast<uint8_t*>(p.peer_workspaces[rank]);
+}
+
+__device__ __forceinline__ WorkspaceHeader* header_of(const CommonParams& p, int rank) {
+  return reinterpret_cast<WorkspaceHeader*>(workspace_of(p, rank) + p.layout.header);
+}
+
+// First error wins; the record lives in host memory so the host can read it
+// even while kernels are still running (or hung elsewhere).
+__device__ inline void report_error(const CommonParams& p, int status, int peer, int phase,
+                                    uint32_t epoch, int detail0, int detail1) {
+  int32_t* rec = p.error_record;
+  if (atomicCAS(rec + kErrStatus, 0, -1) != 0) return;  // someone else is (or was) writing
+  rec[kErrRank] = p.rank;
+  rec[kErrPeer] = peer;
+  rec[kErrPhase] = phase;
+  rec[kErrEpoch] = static_cast<int32_t>(epoch);
+  rec[kErrDetail0] = detail0;
+  rec[kErrDetail1] = detail1;
+  __threadfence_system();
+  atomicExch(rec + kErrStatus, status);
+  __threadfence_system();
+  printf("[a2a_one_sided] rank %d: error %d (peer %d, phase %s, epoch %u)\n", p.rank, status, peer,
+         phase == 0 ? "dispatch" : "combine", epoch);
+}
+
+// Spin until *flag == expected or the timeout passes. Returns false on timeout
+// (after recording it); the caller then gives up instead of hanging forever.
+__device__ inline bool wait_flag(const CommonParams& p, const uint32_t* flag, uint32_t expected,
+                                 int peer, int phase) {
+  if (ld_acquire_sys(flag) == expected) return true;
+  const uint64_t start = global_timer_ns();
+  while (true) {
+    if (ld_acquire_sys(flag) == expected) return true;
+    if (global_timer_ns() - start > p.timeout_ns) {
+      report_error(p, kTimeout, peer, phase, expected, static_cast<int>(ld_acquire_sys(flag)), 0);
+      return false;
+    }
+  }
+}
+
+// Warp-wide OR of a 64-bit mask.
+__device__ __forceinline__ uint64_t warp_or_u64(uint64_t value) {
+  const uint32_t lo = __reduce_or_sync(0xffffffffu, static_cast<uint32_t>(value));
+  const uint32_t hi = __reduce_or_sync(0xffffffffu, static_cast<uint32_t>(value >> 32));
+  return (static_cast<uint64_t>(hi) << 32) | lo;
+}
+
+// Called by every block after its share of the work; returns true in exactly
+// one block, the last to arrive, after resetting the counter for the next launch.
+// The system fence makes this block's peer writes visible before it is counted.
+__device__ inline bool arrive_last_block(uint32_t* counter) {
+  __shared__ bool is_last;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence_system();
+    const uint32_t previous = atomicAdd(counter, 1u);
+    is_last = previous == gridDim.x - 1;
+    if (is_last) {
+      __threadfence();
+      *counter = 0;
+    }
+  }
+  __syncthreads();
+  return is_last;
+}
+
+}  // namespace a2a

@@ -1,0 +1,166 @@
+// One-sided dispatch: every rank writes its tokens straight into the receive
+// slots [sender, token] of the ranks that own their experts, then raises one
+// flag per peer; a receiver waits until every sender's flag carries this epoch.
+//
+// Work unit: one warp per token slot t < runtime_max_tokens.
+//  * routing header (every slot, every rank): top-k ids sanitized for the
+//    receiving rank (ids it does not own and all ids of empty slots become that
+//    rank's padding id) and the matching weights (0 where padded). Written to
+//    all ranks so receivers never read stale ids and need no sanitize pass.
+//  * payload rows (real tokens only): each row is read once and stored to each
+//    *distinct* target rank.
+#include <cuda_runtime.h>
+
+#include "device_utils.cuh"
+#include "launch.h"
+
+namespace a2a {
+namespace {
+
+constexpr int kPhaseIdDispatch = 0;
+constexpr int kCopyUnroll = 4;
+
+// Copies one row to every rank in `targets`, 16 or 4 bytes per lane per access.
+template <typename Vec>
+__device__ __forceinline__ void copy_row_to_targets(const uint8_t* src, int64_t row_bytes,
+                                                    const CommonParams& p, uint64_t targets,
+                                                    int64_t dst_offset, int lane) {
+  const int64_t num_vecs = row_bytes / int64_t(sizeof(Vec));
+  const Vec* src_vec = reinterpret_cast<const Vec*>(src);
+  for (int64_t base = 0; base < num_vecs; base += 32 * kCopyUnroll) {
+    Vec chunk[kCopyUnroll];
+#pragma unroll
+    for (int u = 0; u < kCopyUnroll; ++u) {
+      const int64_t v = base + u * 32 + lane;
+      if (v < num_vecs) chunk[u] = src_vec[v];
+    }
+    uint64_t remaining = targets;
+    while (remaining) {
+      const int rank = __ffsll(static_cast<long long>(remaining)) - 1;
+      remaining &= remaining - 1;
+      Vec* dst = reinterpret_cast<Vec*>(workspace_of(p, rank) + dst_offset);
+#pragma unroll
+      for (int u = 0; u < kCopyUnroll; ++u) {
+        const int64_t v = base + u * 32 + lane;
+        if (v < num_vecs) dst[v] = chunk[u];
+      }
+    }
+  }
+}
+
+__device__ void send_tokens(const DispatchParams& dp) {
+  const CommonParams& p = dp.common;
+  const int lane = threadIdx.x % 32;
+  const int warps_per_block = blockDim.x / 32;
+  const int global_warp = blockIdx.x * warps_per_block + threadIdx.x / 32;
+  const int total_warps = gridDim.x * warps_per_block;
+  const int k = p.top_k;
+  const int64_t sender_slot_base = int64_t(p.rank) * p.runtime_max_tokens;
+
+  for (int t = global_warp; t < p.runtime_max_tokens; t += total_warps) {
+    const bool real = t < p.num_local_tokens;
+    int expert = -1;
+    int owner = -1;
+    float weight = 0.f;
+    if (real && lane < k) {
+      expert = p.topk_ids[int64_t(t) * k + lane];
+      if (expert >= 0 && expert < p.num_experts) {
+        owner = p.expert_owner[expert];
+        weight = dp.topk_weights != nullptr ? dp.topk_weights[int64_t(t) * k + lane] : 0.f;
+      } else {
+        // Python validates ids before launch when asked to; this keeps memory safe
+        // (and says so) when it was not.
+        report_error(p, kExpertIdOutOfRange, -1, kPhaseIdDispatch, 0, expert, t);
+      }
+    }
+    const uint64_t targets = warp_or_u64(owner >= 0 ? (1ull << owner) : 0ull);
+
+    // Routing header: lane j covers (rank j / k, slot j % k) for all ranks.
+    const int64_t header_index = (sender_slot_base + t) * k;
+    // Every lane takes part in the shuffles, so the loop bound is warp-uniform.
+    for (int j0 = 0; j0 < p.ep_size * k; j0 += 32) {
+      const int j = j0 + lane;
+      const int slot = j % k;
+      const int src_expert = __shfl_sync(0xffffffffu, expert, slot);
+      const int src_owner = __shfl_sync(0xffffffffu, owner, slot);
+      const float src_weight = __shfl_sync(0xffffffffu, weight, slot);
+      if (j < p.ep_size * k) {
+        const int rank = j / k;
+        const bool local_to_rank = src_owner == rank;
+        uint8_t* ws = workspace_of(p, rank);
+        reinterpret_cast<int32_t*>(ws + p.layout.recv_topk_ids)[header_index + slot] =
+            local_to_rank ? src_expert : dp.pad_ids[rank];
+        reinterpret_cast<float*>(ws + p.layout.recv_topk_weights)[header_index + slot] =
+            local_to_rank ? src_weight : 0.f;
+      }
+    }
+
+    if (!real || targets == 0) continue;
+    for (int i = 0; i < dp.num_payloads; ++i) {
+      const int64_t row_bytes = dp.payload_row_bytes[i];
+      const uint8_t* src = static_cast<const uint8_t*>(dp.payloads[i]) + int64_t(t) * row_bytes;
+      const int64_t dst_offset = p.layout.payload[i] + (sender_slot_base + t) * row_bytes;
+      const bool aligned16 = (row_bytes % 16 == 0) &&
+                             (reinterpret_cast<uintptr_t>(dp.payloads[i]) % 16 == 0);
+      if (aligned16) {
+        copy_row_to_targets<uint4>(src, row_bytes, p, targets, dst_offset, lane);
+      } else {
+        copy_row_to_targets<uint32_t>(src, row_bytes, p, targets, dst_offset, lane);
+      }
+    }
+  }
+}
+
+// Tells every peer that this rank's slots in its workspace are complete.
+__device__ void raise_dispatch_flags(const CommonParams& p, uint32_t epoch) {
+  for (int peer = threadIdx.x; peer < p.ep_size; peer += blockDim.x) {
+    WorkspaceHeader* hdr = header_of(p, peer);
+    __threadfence_system();
+    st_relaxed_sys(&hdr->sender_runtime_tokens[p.rank], static_cast<uint32_t>(p.runtime_max_tokens));
+    st_release_sys(&hdr->dispatch_flags[p.rank], epoch);
+  }
+}
+
+__device__ void wait_for_senders(const CommonParams& p, uint32_t epoch) {
+  WorkspaceHeader* hdr = header_of(p, p.rank);
+  for (int sender = threadIdx.x; sender < p.ep_size; sender += blockDim.x) {
+    if (!wait_flag(p, &hdr->dispatch_flags[sender], epoch, sender, kPhaseIdDispatch)) continue;
+    const uint32_t theirs = hdr->sender_runtime_tokens[sender];
+    if (theirs != static_cast<uint32_t>(p.runtime_max_tokens)) {
+      report_error(p, kRuntimeTokensMismatch, sender, kPhaseIdDispatch, epoch,
+                   static_cast<int>(theirs), p.runtime_max_tokens);
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) hdr->dispatch_epoch = epoch;
+}
+
+__global__ void dispatch_kernel(const __grid_constant__ DispatchParams dp) {
+  const CommonParams& p = dp.common;
+  WorkspaceHeader* my_hdr = header_of(p, p.rank);
+  // Stable for the whole launch: only the wait phase's last step advances it.
+  const uint32_t epoch = *reinterpret_cast<volatile uint32_t*>(&my_hdr->dispatch_epoch) + 1;
+
+  if (p.phases & kPhaseSend) {
+    send_tokens(dp);
+    if (!arrive_last_block(&my_hdr->dispatch_blocks_done)) return;
+    raise_dispatch_flags(p, epoch);
+  }
+  if (p.phases & kPhaseWait) {
+    if ((p.phases & kPhaseSend) == 0 && blockIdx.x != 0) return;
+    wait_for_senders(p, epoch);
+  }
+}
+
+}  // namespace
+
+int launch_dispatch(const DispatchParams& params, cudaStream_t stream) {
+  DispatchParams p = params;
+  int blocks = p.common.num_blocks;
+  if ((p.common.phases & kPhaseSend) == 0) blocks = 1;  // wait-only: one block
+  if (blocks < 1) blocks = 1;  // ranks with no tokens still signal (seed 000)
+  dispatch_kernel<<<blocks, p.common.threads_per_block, 0, stream>>>(p);
+  return static_cast<int>(cudaGetLastError());
+}
+
+}  // namespace a2a

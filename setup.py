@@ -1,0 +1,74 @@
+"""Builds the ``vllm_a2a_plugin._C`` extension at install.
+
+* torch with CUDA and nvcc present: kernels for sm_90a and sm_100a
+  (override with VLLM_A2A_CUDA_ARCHS, e.g. "90a").
+* otherwise: a CPU-only build (workspace layout op and op schemas), so CPU
+  installs share the layout with the kernels; kernels are then unavailable.
+
+Entry points come from the top-level entry_points.txt (one source of truth).
+Install without build isolation so the build sees the torch you run with:
+``pip install --no-build-isolation -e .``
+"""
+
+import configparser
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+ROOT = Path(__file__).parent
+sys.path.insert(0, str(ROOT))
+
+
+def read_entry_points() -> dict[str, list[str]]:
+    parser = configparser.ConfigParser()
+    parser.optionxform = str
+    parser.read(ROOT / "entry_points.txt")
+    return {group: [f"{k} = {v}" for k, v in parser[group].items()] for group in parser.sections()}
+
+
+class BuildPyWithSources(build_py):
+    """Ship csrc/ inside the wheel (vllm_a2a_plugin/_csrc) for JIT rebuilds."""
+
+    def run(self):
+        super().run()
+        target = Path(self.build_lib) / "vllm_a2a_plugin" / "_csrc"
+        target.mkdir(parents=True, exist_ok=True)
+        for src in (ROOT / "csrc").iterdir():
+            if src.is_file():
+                shutil.copy2(src, target / src.name)
+
+
+def extensions():
+    if os.environ.get("VLLM_A2A_SKIP_BUILD"):
+        return [], {}
+    import torch  # noqa: F401
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    from vllm_a2a_plugin.ops import cuda_toolchain_available, nvcc_flags
+
+    include = [str(ROOT / "csrc")]
+    if cuda_toolchain_available():
+        ext = CUDAExtension(
+            "vllm_a2a_plugin._C",
+            sources=["csrc/bindings.cpp", "csrc/dispatch.cu", "csrc/combine.cu"],
+            include_dirs=include,
+            extra_compile_args={"cxx": ["-O2", "-std=c++17", "-DA2A_WITH_CUDA"],
+                                "nvcc": nvcc_flags()},
+        )
+    else:
+        ext = CppExtension(
+            "vllm_a2a_plugin._C",
+            sources=["csrc/bindings.cpp"],
+            include_dirs=include,
+            extra_compile_args=["-O2", "-std=c++17"],
+        )
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = extensions()
+cmdclass["build_py"] = BuildPyWithSources
+setup(ext_modules=ext_modules, cmdclass=cmdclass, entry_points=read_entry_points())

@@ -1,0 +1,359 @@
+"""``OneSidedAllToAll``: dispatch/combine of one EP rank over our CUDA kernels.
+
+State machine (host side, flashinfer's MoeAlltoAll pattern)::
+
+    idle --dispatch--> dispatched --combine--> idle
+
+with the split forms ``dispatch(..., phases=PHASE_SEND)`` then
+``wait_dispatch()`` (and ``combine``/``wait_combine``) that let one
+process drive several logical ranks on one GPU. Everything is enqueued on the
+current CUDA stream, allocation-free once shapes repeat, without host syncs
+(except the optional id check), so CUDA graphs can capture it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vllm_a2a_plugin import ops
+from vllm_a2a_plugin.config import A2AConfig
+from vllm_a2a_plugin.errors import (
+    A2ADeviceError,
+    A2AInputError,
+    A2AMismatchError,
+    A2AStateError,
+    A2ATimeoutError,
+)
+from vllm_a2a_plugin.padding import linear_expert_owner, padding_ids_for_ranks
+from vllm_a2a_plugin.validation import check_dispatch_inputs, check_expert_ids_in_range, check_tensor
+from vllm_a2a_plugin.workspace import AllToAllSpec, Workspace
+
+PHASE_SEND = ops.PHASE_SEND
+PHASE_WAIT = ops.PHASE_WAIT
+PHASE_BOTH = ops.PHASE_BOTH
+
+# Indices into the int32[8] error record (csrc/launch.h ErrorField / ErrorStatus).
+_ERR_STATUS, _ERR_RANK, _ERR_PEER, _ERR_PHASE, _ERR_EPOCH, _ERR_D0, _ERR_D1 = range(7)
+_STATUS_TIMEOUT, _STATUS_MISMATCH, _STATUS_BAD_ID = 1, 2, 3
+_PHASE_NAMES = {0: "dispatch", 1: "combine"}
+
+
+@dataclass
+class DispatchResult:
+    """What rank ``r`` received; every tensor is a view into its workspace.
+
+    Slot ``s * M + t`` holds token ``t`` of sender ``s`` (``M`` =
+    ``runtime_max_tokens``); ``.view(ep_size, M, ...)`` gives the ``[P, M, ...]``
+    form. Payload rows of slots that carry no token for this rank are
+    unspecified; ``recv_topk_ids`` is fully defined: ids of experts this rank
+    does not own, and every id of an empty slot, are ``padding_id``, with weight 0.
+
+    Attributes:
+        recv_x: ``[P * M, H]``, the dispatch dtype.
+        recv_x_scales: ``[P * M, scale_cols]`` float32, or None.
+        recv_topk_ids: ``[P * M, K]`` int32 global expert ids (sanitized).
+        recv_topk_weights: ``[P * M, K]`` float32 (0 where padded).
+        recv_extra: further payloads, ``[P * M, row_bytes]`` uint8 each.
+        runtime_max_tokens: ``M`` of this step.
+        padding_id: the id padded slots carry on this rank.
+    """
+
+    recv_x: torch.Tensor
+    recv_x_scales: torch.Tensor | None
+    recv_topk_ids: torch.Tensor
+    recv_topk_weights: torch.Tensor
+    recv_extra: list[torch.Tensor]
+    runtime_max_tokens: int
+    padding_id: int
+
+
+class OneSidedAllToAll:
+    """Dispatch and combine for one EP rank over a :class:`Workspace`.
+
+    Args:
+        workspace: allocated workspace that holds ``rank``'s buffer.
+        rank: this EP rank, ``0 <= rank < spec.ep_size``.
+        expert_owner: ``[num_experts]`` int32 rank owning each expert; default
+            vLLM's linear placement (``e // (E / P)``).
+        config: launch and safety settings.
+    """
+
+    def __init__(self, workspace: Workspace, rank: int, *,
+                 expert_owner: torch.Tensor | None = None,
+                 config: A2AConfig | None = None):
+        self.workspace = workspace
+        self.spec: AllToAllSpec = workspace.spec
+        self.rank = rank
+        self.config = config or A2AConfig()
+        self._buffer = workspace.buffer(rank)
+        self.device = self._buffer.device
+        spec = self.spec
+        if expert_owner is None:
+            expert_owner = linear_expert_owner(spec.num_experts, spec.ep_size)
+        if expert_owner.dim() != 1 or expert_owner.numel() != spec.num_experts:
+            raise A2AInputError(
+                f"expert_owner must be [num_experts={spec.num_experts}], got "
+                f"{list(expert_owner.shape)}"
+            )
+        owner_cpu = expert_owner.detach().to("cpu", torch.int64)
+        if bool(((owner_cpu < 0) | (owner_cpu >= spec.ep_size)).any()):
+            raise A2AInputError(f"expert_owner values must be ranks in [0, {spec.ep_size})")
+        self.padding_ids = padding_ids_for_ranks(owner_cpu, spec.ep_size)
+        self.padding_id = self.padding_ids[rank]
+        self._expert_owner = owner_cpu.to(torch.int32).to(self.device)
+        self._pad_ids = torch.tensor(self.padding_ids, dtype=torch.int32, device=self.device)
+        self._sm_count = torch.cuda.get_device_properties(self.device).multi_processor_count
+        self._error_record = torch.zeros(8, dtype=torch.int32, pin_memory=True)
+        self._phase = "idle"
+        self._runtime_max_tokens = 0
+        self._topk_ids: torch.Tensor | None = None
+        self._dispatch_args = None
+        self._combine_dst: torch.Tensor | None = None
+        self._combine_out: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ views
+    def _views(self, m: int) -> DispatchResult:
+        spec, layout, ws = self.spec, self.workspace.layout, self.workspace
+        slots = spec.ep_size * m
+        payload_offsets = list(layout.payloads)
+        recv_x = ws.region(self.rank, payload_offsets[0], spec.dispatch_dtype,
+                           (slots, spec.hidden_size))
+        next_payload = 1
+        recv_scales = None
+        if spec.scale_cols:
+            recv_scales = ws.region(self.rank, payload_offsets[1], torch.float32,
+                                    (slots, spec.scale_cols))
+            next_payload = 2
+        extra = [
+            ws.region(self.rank, off, torch.uint8, (slots, row))
+            for off, row in zip(payload_offsets[next_payload:], spec.extra_payload_row_bytes)
+        ]
+        return DispatchResult(
+            recv_x=recv_x,
+            recv_x_scales=recv_scales,
+            recv_topk_ids=ws.region(self.rank, layout.recv_topk_ids, torch.int32,
+                                    (slots, spec.top_k)),
+            recv_topk_weights=ws.region(self.rank, layout.recv_topk_weights, torch.float32,
+                                        (slots, spec.top_k)),
+            recv_extra=extra,
+            runtime_max_tokens=m,
+            padding_id=self.padding_id,
+        )
+
+    def combine_input(self) -> torch.Tensor:
+        """``[P * M, H]`` buffer (combine dtype) in this rank's workspace.
+
+        Experts may write their reduced outputs here directly (zero-copy);
+        valid between dispatch and combine.
+        """
+        if self._phase != "dispatched":
+            raise A2AStateError("combine_input() is only valid after dispatch()")
+        return self.workspace.region(
+            self.rank, self.workspace.layout.combine, self.spec.combine_dtype,
+            (self.spec.ep_size * self._runtime_max_tokens, self.spec.hidden_size))
+
+    # --------------------------------------------------------------- launches
+    def _grid(self, work_items: int) -> int:
+        warps = self.config.warps_per_block
+        blocks = max(1, -(-work_items // warps))
+        if self.config.max_blocks:
+            return min(blocks, self.config.max_blocks)
+        return min(blocks, 2 * self._sm_count)
+
+    def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor,
+                 topk_weights: torch.Tensor | None = None, *,
+                 x_scales: torch.Tensor | None = None,
+                 extra_payloads: tuple[torch.Tensor, ...] = (),
+                 runtime_max_tokens: int | None = None,
+                 phases: int = PHASE_BOTH) -> DispatchResult:
+        """Send this rank's tokens to the ranks owning their experts.
+
+        Args:
+            x: ``[T, H]`` hidden states, ``spec.dispatch_dtype``. ``T`` may be 0.
+            topk_ids: ``[T, K]`` int32 global expert ids in ``[0, E)``.
+            topk_weights: ``[T, K]`` float32 router weights, or None (zeros).
+            x_scales: ``[T, spec.scale_cols]`` float32 when the spec has scales.
+            extra_payloads: further ``[T, ...]`` tensors, one per
+                ``spec.extra_payload_row_bytes`` entry.
+            runtime_max_tokens: ``M`` of this step; must be the same on every
+                rank and ``>=`` every rank's ``T`` (vLLM: the max DP chunk
+                size). Default: the workspace capacity.
+            phases: ``PHASE_BOTH`` (one fused launch), or ``PHASE_SEND``
+                followed later by :meth:`wait_dispatch`.
+
+        Returns:
+            :class:`DispatchResult` views (complete once the wait phase ran).
+        """
+        self.check_errors()
+        if phases not in (PHASE_SEND, PHASE_BOTH):
+            raise A2AInputError(
+                f"phases must be PHASE_SEND or PHASE_BOTH, got {phases}; "
+                "the wait phase is wait_dispatch()")
+        if self._phase != "idle":
+            raise A2AStateError(
+                f"dispatch() called in state '{self._phase}': each dispatch must be followed "
+                "by combine() before the next dispatch"
+            )
+        m = self.spec.max_tokens_per_rank if runtime_max_tokens is None else int(runtime_max_tokens)
+        check_dispatch_inputs(self.spec, x=x, topk_ids=topk_ids, topk_weights=topk_weights,
+                              x_scales=x_scales, extra_payloads=tuple(extra_payloads),
+                              runtime_max_tokens=m, device=self.device)
+        if self.config.check_expert_ids and not torch.cuda.is_current_stream_capturing():
+            check_expert_ids_in_range(topk_ids, self.spec.num_experts)
+        payloads = [x] + ([x_scales] if x_scales is not None else []) + list(extra_payloads)
+        self._dispatch_args = (payloads, topk_ids, topk_weights)
+        self._runtime_max_tokens = m
+        self._topk_ids = topk_ids
+        self._launch_dispatch(phases)
+        self._phase = "dispatched" if phases == PHASE_BOTH else "dispatch_sent"
+        return self._views(m)
+
+    def wait_dispatch(self) -> DispatchResult:
+        """Second half of a split dispatch: wait until every sender's slots arrived."""
+        self.check_errors()
+        if self._phase != "dispatch_sent":
+            raise A2AStateError(f"wait_dispatch() called in state '{self._phase}'; "
+                                "call dispatch(..., phases=PHASE_SEND) first")
+        self._launch_dispatch(PHASE_WAIT)
+        self._phase = "dispatched"
+        return self._views(self._runtime_max_tokens)
+
+    def _launch_dispatch(self, phases: int) -> None:
+        payloads, topk_ids, topk_weights = self._dispatch_args
+        m = self._runtime_max_tokens
+        torch.ops.a2a_one_sided.dispatch(
+            self._buffer, self.workspace.peer_ptrs, self.rank, payloads, topk_ids,
+            topk_weights, self._expert_owner, self._pad_ids, self._error_record,
+            self.spec.max_tokens_per_rank, m, self.spec.combine_row_bytes, phases,
+            self._grid(m), self.config.threads_per_block, self.config.timeout_ns)
+
+    def combine(self, y: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
+                phases: int = PHASE_BOTH) -> torch.Tensor:
+        """Sum, for each of this rank's tokens, the partial results of its target ranks.
+
+        Args:
+            y: ``[P * M, H]`` (or ``[P, M, H]``) expert outputs of this rank,
+                combine dtype, already weighted and reduced over local experts.
+                None when the experts wrote into :meth:`combine_input` directly.
+            out: ``[T, H]`` destination (combine dtype); allocated when None
+                (and then reused across calls of the same shape).
+            phases: ``PHASE_BOTH``, or ``PHASE_SEND`` followed by :meth:`wait_combine`.
+
+        Returns:
+            ``out``: ``out[t] = sum over distinct target ranks r of y_r[rank, t]``.
+        """
+        self.check_errors()
+        if phases not in (PHASE_SEND, PHASE_BOTH):
+            raise A2AInputError(
+                f"phases must be PHASE_SEND or PHASE_BOTH, got {phases}; "
+                "the wait phase is wait_combine()")
+        if self._phase != "dispatched":
+            raise A2AStateError(
+                f"combine() called in state '{self._phase}': call dispatch() first"
+                + (" and wait_dispatch()" if self._phase == "dispatch_sent" else "")
+            )
+        if y is not None:
+            self._stage_combine_input(y)
+        assert self._topk_ids is not None
+        num_tokens = self._topk_ids.shape[0]
+        if out is None:
+            key = (num_tokens, self.spec.combine_dtype)
+            out = self._combine_out.get(key)
+            if out is None:
+                out = torch.empty(num_tokens, self.spec.hidden_size, device=self.device,
+                                  dtype=self.spec.combine_dtype)
+                self._combine_out = {key: out}
+        else:
+            check_tensor(out, "out", dtype=self.spec.combine_dtype,
+                         shape=(num_tokens, self.spec.hidden_size), device=self.device)
+        self._combine_dst = out
+        self._launch_combine(phases)
+        if phases == PHASE_SEND:
+            self._phase = "combine_sent"
+        else:
+            self._finish_round()
+        return out
+
+    def wait_combine(self) -> torch.Tensor:
+        """Second half of a split combine: wait for every peer, then reduce into ``out``."""
+        self.check_errors()
+        if self._phase != "combine_sent":
+            raise A2AStateError(f"wait_combine() called in state '{self._phase}'; "
+                                "call combine(..., phases=PHASE_SEND) first")
+        self._launch_combine(PHASE_WAIT)
+        out = self._combine_dst
+        self._finish_round()
+        return out
+
+    def _launch_combine(self, phases: int) -> None:
+        num_tokens = self._topk_ids.shape[0]
+        torch.ops.a2a_one_sided.combine(
+            self._buffer, self.workspace.peer_ptrs, self.rank, self._topk_ids,
+            self._expert_owner, self._combine_dst, self._error_record,
+            self.spec.max_tokens_per_rank, self._runtime_max_tokens,
+            list(self.spec.payload_row_bytes), phases, self._grid(num_tokens),
+            self.config.threads_per_block, self.config.timeout_ns)
+
+    def _finish_round(self) -> None:
+        self._phase = "idle"
+        self._topk_ids = None
+        self._dispatch_args = None
+
+    def _stage_combine_input(self, y: torch.Tensor) -> None:
+        target = self.combine_input()
+        if y.dim() == 3:
+            y = y.reshape(-1, y.shape[-1])
+        check_tensor(y, "y", dtype=self.spec.combine_dtype, shape=tuple(target.shape),
+                     device=self.device)
+        if y.data_ptr() != target.data_ptr():
+            target.copy_(y)
+
+    # ----------------------------------------------------------------- errors
+    def check_errors(self) -> None:
+        """Raise if a kernel of this rank recorded an error (reads host memory only)."""
+        status = int(self._error_record[_ERR_STATUS])
+        if status == 0:
+            return
+        rec = [int(v) for v in self._error_record.tolist()]
+        raise error_from_record(rec, timeout_s=self.config.timeout_s)
+
+    def synchronize(self) -> None:
+        """Wait for this rank's queued work, then raise any recorded error."""
+        torch.cuda.synchronize(self.device)
+        self.check_errors()
+
+    def reset_error(self) -> None:
+        """Clear a recorded error (tests; the workspace is unusable after a timeout)."""
+        self._error_record.zero_()
+
+    @property
+    def phase(self) -> str:
+        return self._phase
+
+
+def error_from_record(rec: list[int], *, timeout_s: float) -> A2ADeviceError:
+    """Turn the kernels' int32 error record into an exception with a plain message."""
+    status = rec[_ERR_STATUS]
+    rank, peer, epoch = rec[_ERR_RANK], rec[_ERR_PEER], rec[_ERR_EPOCH]
+    phase = _PHASE_NAMES.get(rec[_ERR_PHASE], f"phase {rec[_ERR_PHASE]}")
+    if status == _STATUS_TIMEOUT:
+        return A2ATimeoutError(
+            f"a2a_one_sided: rank {rank} timed out after {timeout_s:g} s in {phase} waiting "
+            f"for peer {peer} (epoch {epoch}, its flag still read {rec[_ERR_D0]}). The peer "
+            "died, hung, or made a different number of dispatch/combine calls.",
+            rank=rank, peer=peer, phase=phase, epoch=epoch)
+    if status == _STATUS_MISMATCH:
+        return A2AMismatchError(
+            f"a2a_one_sided: rank {rank} used runtime_max_tokens={rec[_ERR_D1]} in {phase} "
+            f"but peer {peer} used {rec[_ERR_D0]} (epoch {epoch}); every rank must pass the "
+            "same value in a step.",
+            rank=rank, peer=peer, phase=phase, epoch=epoch)
+    if status == _STATUS_BAD_ID:
+        return A2ADeviceError(
+            f"a2a_one_sided: rank {rank} saw expert id {rec[_ERR_D0]} out of range at token "
+            f"{rec[_ERR_D1]} in {phase}; the token was not sent to any expert.",
+            rank=rank, peer=peer, phase=phase, epoch=epoch)
+    return A2ADeviceError(f"a2a_one_sided: rank {rank} recorded error status {status}",
+                          rank=rank, peer=peer, phase=phase, epoch=epoch)

@@ -1,0 +1,37 @@
+"""The only place that reads environment variables (vLLM's ``envs.py`` pattern).
+
+Values are read when asked for, not at import, so tests can set them.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def timeout_seconds(default: float) -> float:
+    """``VLLM_A2A_TIMEOUT_S``: how long a rank waits for a peer before failing."""
+    raw = os.environ.get("VLLM_A2A_TIMEOUT_S")
+    if raw is None or raw == "":
+        return default
+    value = float(raw)
+    if value <= 0:
+        raise ValueError(f"VLLM_A2A_TIMEOUT_S must be positive, got {raw!r}")
+    return value
+
+
+def check_expert_ids(default: bool) -> bool:
+    """``VLLM_A2A_CHECK_IDS``: validate top-k ids on the host (costs a sync)."""
+    raw = os.environ.get("VLLM_A2A_CHECK_IDS")
+    if raw is None or raw == "":
+        return default
+    return raw.strip().lower() in ("1", "true", "yes", "on")
+
+
+def extension_build_dir() -> str | None:
+    """``VLLM_A2A_BUILD_DIR``: where the JIT build of the extension goes."""
+    return os.environ.get("VLLM_A2A_BUILD_DIR") or None
+
+
+def jit_verbose() -> bool:
+    """``VLLM_A2A_JIT_VERBOSE``: print the compiler's output during a JIT build."""
+    return os.environ.get("VLLM_A2A_JIT_VERBOSE", "") not in ("", "0")

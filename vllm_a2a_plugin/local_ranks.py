@@ -1,0 +1,124 @@
+"""Several logical EP ranks in one process on one GPU (design §8).
+
+Only allocation differs from the multi-GPU path: ``ep_size`` workspaces on one
+device and one :class:`OneSidedAllToAll` per rank, all writing through the same
+kernels. Two ways to drive them:
+
+* ``"split"``: on the current stream, the send phase of every rank, then the
+  wait phase of every rank. No launch ever waits for a kernel that has not
+  started, so it also works where kernels are serialised (compute-sanitizer).
+* ``"concurrent"``: each rank's fused launches on its own stream, all in
+  flight at once, exactly as separate GPUs would run them. Grids are bounded so
+  every rank's combine blocks are resident together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from vllm_a2a_plugin import ops
+from vllm_a2a_plugin.all_to_all import PHASE_BOTH, PHASE_SEND, DispatchResult, OneSidedAllToAll
+from vllm_a2a_plugin.config import A2AConfig
+from vllm_a2a_plugin.errors import A2AInputError
+from vllm_a2a_plugin.workspace import AllToAllSpec, Workspace
+
+MODES = ("split", "concurrent")
+
+
+class LocalRanks:
+    """``spec.ep_size`` ranks on one CUDA device, driven together.
+
+    Args:
+        spec: what each step may carry.
+        mode: ``"split"`` or ``"concurrent"`` (see module docstring).
+        expert_owner: owner table shared by all ranks (default linear).
+        config: launch settings; in concurrent mode ``max_blocks`` is capped so
+            that all ranks' combine grids fit on the GPU at once.
+        device: CUDA device (default current).
+    """
+
+    def __init__(self, spec: AllToAllSpec, *, mode: str = "split",
+                 expert_owner: torch.Tensor | None = None, config: A2AConfig | None = None,
+                 device: torch.device | str | None = None):
+        if mode not in MODES:
+            raise A2AInputError(f"mode must be one of {MODES}, got {mode!r}")
+        self.spec = spec
+        self.mode = mode
+        self.workspace = Workspace.allocate_local(spec, device)
+        config = config or A2AConfig()
+        if mode == "concurrent":
+            device_index = self.workspace.device.index or 0
+            resident = ops.combine_max_resident_blocks(device_index, config.threads_per_block)
+            share = max(1, resident // spec.ep_size)
+            if config.max_blocks == 0 or config.max_blocks > share:
+                config = config.replace(max_blocks=share)
+        self.config = config
+        self.ranks = [OneSidedAllToAll(self.workspace, r, expert_owner=expert_owner,
+                                       config=config) for r in range(spec.ep_size)]
+        self._streams = ([torch.cuda.Stream(self.workspace.device) for _ in self.ranks]
+                         if mode == "concurrent" else [])
+
+    def _run_concurrently(self, work) -> list:
+        """Runs ``work(rank)`` for every rank on its own stream, joined back."""
+        current = torch.cuda.current_stream(self.workspace.device)
+        results = []
+        for rank, stream in enumerate(self._streams):
+            stream.wait_stream(current)
+            with torch.cuda.stream(stream):
+                results.append(work(rank))
+        for stream in self._streams:
+            current.wait_stream(stream)
+        return results
+
+    def dispatch(self, xs: Sequence[torch.Tensor], topk_ids: Sequence[torch.Tensor],
+                 topk_weights: Sequence[torch.Tensor | None] | None = None, *,
+                 x_scales: Sequence[torch.Tensor | None] | None = None,
+                 extra_payloads: Sequence[tuple[torch.Tensor, ...]] | None = None,
+                 runtime_max_tokens: int | None = None) -> list[DispatchResult]:
+        """Dispatch for every rank; per-rank lists indexed by rank.
+
+        ``runtime_max_tokens`` defaults to the largest rank's token count.
+        """
+        p = self.spec.ep_size
+        if len(xs) != p or len(topk_ids) != p:
+            raise A2AInputError(f"need one x and one topk_ids per rank ({p})")
+        weights = topk_weights if topk_weights is not None else [None] * p
+        scales = x_scales if x_scales is not None else [None] * p
+        extras = extra_payloads if extra_payloads is not None else [()] * p
+        m = runtime_max_tokens
+        if m is None:
+            m = max(int(t.shape[0]) for t in topk_ids)
+
+        def send(rank: int, phases: int) -> DispatchResult:
+            return self.ranks[rank].dispatch(
+                xs[rank], topk_ids[rank], weights[rank], x_scales=scales[rank],
+                extra_payloads=tuple(extras[rank]), runtime_max_tokens=m, phases=phases)
+
+        if self.mode == "split":
+            for rank in range(p):
+                send(rank, PHASE_SEND)
+            return [a2a.wait_dispatch() for a2a in self.ranks]
+        return self._run_concurrently(lambda rank: send(rank, PHASE_BOTH))
+
+    def combine_inputs(self) -> list[torch.Tensor]:
+        return [a2a.combine_input() for a2a in self.ranks]
+
+    def combine(self, ys: Sequence[torch.Tensor | None] | None = None,
+                outs: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
+        """Combine for every rank; returns each rank's ``[T_r, H]`` output."""
+        p = self.spec.ep_size
+        ys = ys if ys is not None else [None] * p
+        outs = outs if outs is not None else [None] * p
+        if self.mode == "split":
+            for rank in range(p):
+                self.ranks[rank].combine(ys[rank], out=outs[rank], phases=PHASE_SEND)
+            return [a2a.wait_combine() for a2a in self.ranks]
+        return self._run_concurrently(
+            lambda rank: self.ranks[rank].combine(ys[rank], out=outs[rank], phases=PHASE_BOTH))
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.workspace.device)
+        for a2a in self.ranks:
+            a2a.check_errors()
