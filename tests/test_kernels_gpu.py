@@ -362,7 +362,12 @@ def test_symmetric_memory_workspace_single_process():
 
 
 def test_ops_trace_under_torch_compile():
-    """The raw ops go through torch.compile (fake impls, mutation schema)."""
+    """The raw ops go through torch.compile (fake impls, mutation schema).
+
+    Inductor re-inplaces the mutated workspace; a backend that keeps the
+    functional clones (aot_eager) cannot work for peer-visible memory, because a
+    clone is not what the peers write into.
+    """
     import torch._dynamo
 
     spec = AllToAllSpec(ep_size=2, max_tokens_per_rank=8, hidden_size=128, top_k=1,
@@ -399,7 +404,7 @@ def test_ops_trace_under_torch_compile():
         return out0, out1
 
     torch._dynamo.reset()
-    compiled = torch.compile(round_trip, backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(round_trip, backend="inductor", fullgraph=True)
     got0, got1 = compiled(x[0], x[1], ids[0], ids[1], outs[0], outs[1])
     torch.cuda.synchronize()
     ranks.synchronize()

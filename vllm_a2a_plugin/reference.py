@@ -98,10 +98,11 @@ def dispatch_reference(
                 recv_extra[i][s, :n][sent] = raw[sent]
         results.append(ReferenceDispatch(
             recv_x=recv_x.reshape(p * m, hidden),
-            recv_x_scales=None if recv_scales is None else recv_scales.reshape(p * m, -1),
+            recv_x_scales=None if recv_scales is None else recv_scales.reshape(
+                p * m, recv_scales.shape[-1]),
             recv_topk_ids=recv_ids.reshape(p * m, k),
             recv_topk_weights=recv_w.reshape(p * m, k),
-            recv_extra=[e.reshape(p * m, -1) for e in recv_extra],
+            recv_extra=[e.reshape(p * m, e.shape[-1]) for e in recv_extra],
             runtime_max_tokens=m,
             padding_id=pads[r],
             valid=valid.reshape(p * m),

@@ -1,0 +1,72 @@
+"""What users would pick instead of our kernels, over torch.distributed (NCCL).
+
+* ``nccl_a2a``: the standard two-sided design: each rank sorts its token rows
+  by destination rank (one row per distinct target), exchanges counts, then
+  ``all_to_all_single``; combine reverses it and sums. Needs a host sync for
+  the split sizes, so it runs eagerly only.
+* ``agrs``: vLLM's all-gather / reduce-scatter scheme: every rank gathers all
+  tokens, computes its experts on all of them, then reduce-scatters.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+class NcclTwoSided:
+    def __init__(self, group, num_experts: int):
+        self.group = group
+        self.ep_size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.per_rank = num_experts // self.ep_size
+
+    def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor):
+        owners = topk_ids.to(torch.int64) // self.per_rank
+        targets = torch.zeros((x.shape[0], self.ep_size), dtype=torch.bool, device=x.device)
+        targets.scatter_(1, owners, True)
+        token_idx, dest = torch.nonzero(targets, as_tuple=True)  # one row per distinct target
+        order = torch.argsort(dest, stable=True)
+        token_idx, dest = token_idx[order], dest[order]
+        send_counts = torch.bincount(dest, minlength=self.ep_size)
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts, group=self.group)
+        send_splits = send_counts.tolist()
+        recv_splits = recv_counts.tolist()
+        send = x.index_select(0, token_idx)
+        recv = x.new_empty((sum(recv_splits), x.shape[1]))
+        dist.all_to_all_single(recv, send, recv_splits, send_splits, group=self.group)
+        self._state = (token_idx, send_splits, recv_splits, x.shape[0])
+        return recv
+
+    def combine(self, y: torch.Tensor):
+        token_idx, send_splits, recv_splits, num_tokens = self._state
+        back = y.new_empty((sum(send_splits), y.shape[1]))
+        dist.all_to_all_single(back, y, send_splits, recv_splits, group=self.group)
+        out = torch.zeros((num_tokens, y.shape[1]), dtype=torch.float32, device=y.device)
+        out.index_add_(0, token_idx, back.float())
+        return out.to(y.dtype)
+
+
+class AllGatherReduceScatter:
+    def __init__(self, group, max_tokens: int):
+        self.group = group
+        self.ep_size = dist.get_world_size(group)
+        self.max_tokens = max_tokens
+
+    def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor):
+        padded = x.new_zeros((self.max_tokens, x.shape[1]))
+        padded[: x.shape[0]] = x
+        gathered = x.new_empty((self.ep_size * self.max_tokens, x.shape[1]))
+        dist.all_gather_into_tensor(gathered, padded, group=self.group)
+        ids = topk_ids.new_zeros((self.max_tokens, topk_ids.shape[1]))
+        ids[: topk_ids.shape[0]] = topk_ids
+        all_ids = ids.new_empty((self.ep_size * self.max_tokens, ids.shape[1]))
+        dist.all_gather_into_tensor(all_ids, ids, group=self.group)
+        self._num_tokens = x.shape[0]
+        return gathered
+
+    def combine(self, y: torch.Tensor):
+        out = y.new_empty((self.max_tokens, y.shape[1]))
+        dist.reduce_scatter_tensor(out, y, group=self.group)
+        return out[: self._num_tokens]

@@ -1,0 +1,338 @@
+"""Dispatch / combine / round-trip timings: ours beside the baselines and the limit.
+
+One GPU (default): our kernels with ``--ep-size`` logical ranks on the GPU (and at
+one rank), every baseline at one rank (NCCL group of size 1), and the device
+copy bandwidth as the limit. N GPUs: ``torchrun --nproc-per-node N
+benchmarks/bench_a2a.py ...``: one process per GPU, our workspace in torch
+symmetric memory, baselines over NCCL, limit = measured peer copy bandwidth.
+
+Writes ``benchmarks/results/<machine>/<name>.json`` (command, commit, gpu,
+world_size, torch, rows) and plots with ``benchmarks/plot_results.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.baselines import AllGatherReduceScatter, NcclTwoSided  # noqa: E402
+from benchmarks.shapes import DEFAULT_TOKENS, SHAPES, crossing_bytes, routing  # noqa: E402
+from vllm_a2a_plugin import A2AConfig, AllToAllSpec, LocalRanks, OneSidedAllToAll, Workspace  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--tokens", default=",".join(map(str, DEFAULT_TOKENS)),
+                   help="tokens per rank, comma separated")
+    p.add_argument("--shapes", default=",".join(SHAPES), help=f"any of {list(SHAPES)}")
+    p.add_argument("--dtypes", default="bf16,fp8", help="dispatch dtypes: bf16, fp8 (1x128 scales)")
+    p.add_argument("--routing", default="uniform,skewed")
+    p.add_argument("--ep-size", type=int, default=8,
+                   help="logical ranks on one GPU (single-process mode)")
+    p.add_argument("--impls", default="a2a_one_sided,nccl_a2a,agrs",
+                   help="implementations to time")
+    p.add_argument("--modes", default="eager,graph", help="eager and/or graph (CUDA-graph replay)")
+    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--threads-per-block", type=int, default=256)
+    p.add_argument("--max-blocks", type=int, default=0)
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<gpu>/...)")
+    p.add_argument("--name", default="a2a", help="result file stem")
+    return p.parse_args(argv)
+
+
+def timed(fn, *, iters: int, warmup: int) -> list[float]:
+    """Per-iteration device time in microseconds (CUDA events around each call)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    for s, e in zip(starts, ends):
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    return [s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)]
+
+
+def stats(samples: list[float]) -> tuple[float, float]:
+    t = torch.tensor(samples)
+    return float(t.median()), float(torch.quantile(t, 0.99))
+
+
+def copy_limit_gbps(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth (bytes copied per second, GB/s)."""
+    a = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    us = stats(timed(lambda: b.copy_(a), iters=20, warmup=3))[0]
+    return nbytes / (us * 1e-6) / 1e9
+
+
+def peer_limit_gbps(group, device: torch.device, nbytes: int = 256 << 20) -> float:
+    """Copy bandwidth into a peer's symmetric buffer (NVLink), GB/s."""
+    import torch.distributed._symmetric_memory as symm_mem
+
+    buf = symm_mem.empty(nbytes, dtype=torch.uint8, device=device)
+    handle = symm_mem.rendezvous(buf, group)
+    peer = (dist.get_rank(group) + 1) % dist.get_world_size(group)
+    dst = handle.get_buffer(peer, (nbytes,), torch.uint8)
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
+    dist.barrier(group)
+    us = stats(timed(lambda: dst.copy_(src), iters=20, warmup=3))[0]
+    dist.barrier(group)
+    return nbytes / (us * 1e-6) / 1e9
+
+
+def make_inputs(gen, shape, tokens, dtype, kind, ranks, device):
+    xs, scales, ids, weights = [], [], [], []
+    for _ in range(ranks):
+        x = torch.randn((tokens, shape.hidden), generator=gen)
+        xs.append(x.to(dtype).to(device))
+        scales.append(torch.rand((tokens, shape.hidden // 128), generator=gen).to(device)
+                      if dtype == torch.float8_e4m3fn else None)
+        ids.append(routing(gen, tokens, shape, kind).to(device))
+        weights.append(torch.rand((tokens, shape.top_k), generator=gen).to(device))
+    return xs, scales, ids, weights
+
+
+def ours_single_process(args, shape, dtype, tokens, kind, ep_size, gen, device):
+    spec = AllToAllSpec(ep_size=ep_size, max_tokens_per_rank=tokens, hidden_size=shape.hidden,
+                        top_k=shape.top_k, num_experts=shape.num_experts, dispatch_dtype=dtype,
+                        scale_cols=shape.hidden // 128 if dtype == torch.float8_e4m3fn else 0)
+    config = A2AConfig(threads_per_block=args.threads_per_block, max_blocks=args.max_blocks,
+                       check_expert_ids=False, timeout_s=30.0)
+    ranks = LocalRanks(spec, mode="concurrent", config=config,
+                       device=device)
+    for buf in ranks.workspace.buffers.values():  # never time on zeros
+        buf[ranks.workspace.layout.recv_topk_ids:].random_(0, 255)
+    xs, scales, ids, weights = make_inputs(gen, shape, tokens, dtype, kind, ep_size, device)
+    sc = scales if scales[0] is not None else None
+
+    def dispatch():
+        ranks.dispatch(xs, ids, weights, x_scales=sc, runtime_max_tokens=tokens)
+
+    def combine():
+        ranks.combine()
+
+    rows = []
+    payload_row = sum(spec.payload_row_bytes)
+    disp_bytes = crossing_bytes(ids, shape.num_experts, ep_size, payload_row)
+    comb_bytes = crossing_bytes(ids, shape.num_experts, ep_size, spec.combine_row_bytes)
+    if "eager" in args.modes:
+        d_us, c_us, r_us = [], [], []
+        for _ in range(args.warmup):
+            dispatch()
+            combine()
+        torch.cuda.synchronize()
+        events = [[torch.cuda.Event(enable_timing=True) for _ in range(3)] for _ in range(args.iters)]
+        for e0, e1, e2 in events:
+            e0.record()
+            dispatch()
+            e1.record()
+            combine()
+            e2.record()
+        torch.cuda.synchronize()
+        ranks.synchronize()
+        for e0, e1, e2 in events:
+            d_us.append(e0.elapsed_time(e1) * 1e3)
+            c_us.append(e1.elapsed_time(e2) * 1e3)
+            r_us.append(e0.elapsed_time(e2) * 1e3)
+        rows += [("dispatch", "eager", d_us, disp_bytes), ("combine", "eager", c_us, comb_bytes),
+                 ("round_trip", "eager", r_us, disp_bytes + comb_bytes)]
+    if "graph" in args.modes:
+        dispatch()
+        combine()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+            dispatch()
+            combine()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        r_us = timed(graph.replay, iters=args.iters, warmup=args.warmup)
+        ranks.synchronize()
+        rows.append(("round_trip", "graph", r_us, disp_bytes + comb_bytes))
+    del ranks
+    return rows
+
+
+def baseline_rows(args, impl, shape, dtype, tokens, kind, group, gen, device):
+    """One rank of a baseline (the whole group runs this collectively)."""
+    world = dist.get_world_size(group)
+    xs, scales, ids, _ = make_inputs(gen, shape, tokens, dtype, kind, world, device)
+    me = dist.get_rank(group)
+    x, ids_me = xs[me], ids[me]
+    if scales[me] is not None:  # ship fp8 rows and their scales as one byte row
+        x = torch.cat([x.view(torch.uint8), scales[me].view(torch.uint8)], dim=1)
+    if impl == "nccl_a2a":
+        a2a = NcclTwoSided(group, shape.num_experts)
+    else:
+        a2a = AllGatherReduceScatter(group, tokens)
+    y_holder = {}
+
+    def dispatch():
+        recv = a2a.dispatch(x, ids_me)
+        y_holder["y"] = torch.empty((recv.shape[0], shape.hidden), dtype=torch.bfloat16,
+                                    device=device).normal_()
+
+    def combine():
+        a2a.combine(y_holder["y"])
+
+    row_bytes = x.shape[1] * x.element_size()
+    if impl == "nccl_a2a":
+        disp_bytes = crossing_bytes(ids, shape.num_experts, world, row_bytes)
+        comb_bytes = crossing_bytes(ids, shape.num_experts, world, shape.hidden * 2)
+    else:  # every rank's tokens go to every other rank, outputs come back reduced
+        disp_bytes = world * (world - 1) * tokens * row_bytes
+        comb_bytes = world * (world - 1) * tokens * shape.hidden * 2
+    d_us, c_us, r_us = [], [], []
+    for _ in range(args.warmup):
+        dispatch()
+        combine()
+    torch.cuda.synchronize()
+    for _ in range(args.iters):
+        e0, e1, e2 = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+        e0.record()
+        dispatch()
+        e1.record()
+        combine()
+        e2.record()
+        torch.cuda.synchronize()
+        d_us.append(e0.elapsed_time(e1) * 1e3)
+        c_us.append(e1.elapsed_time(e2) * 1e3)
+        r_us.append(e0.elapsed_time(e2) * 1e3)
+    return [("dispatch", "eager", d_us, disp_bytes), ("combine", "eager", c_us, comb_bytes),
+            ("round_trip", "eager", r_us, disp_bytes + comb_bytes)]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    distributed = "WORLD_SIZE" in os.environ
+    if distributed:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cuda", 0)
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29533")
+        dist.init_process_group("nccl", rank=0, world_size=1, device_id=device)
+    group = dist.group.WORLD
+    world = dist.get_world_size()
+    rank = dist.get_rank()
+    impls = args.impls.split(",")
+    tokens_list = [int(t) for t in args.tokens.split(",")]
+    combos = [(s, d, k, t) for s in args.shapes.split(",") for d in args.dtypes.split(",")
+              for k in args.routing.split(",") for t in tokens_list]
+    try:
+        from tqdm import tqdm
+        progress = tqdm(combos, disable=rank != 0)
+    except ImportError:
+        progress = combos
+    limit = peer_limit_gbps(group, device) if world > 1 else copy_limit_gbps(device)
+    limit_kind = "peer_copy" if world > 1 else "device_copy"
+    rows = []
+    for shape_name, dtype_name, kind, tokens in progress:
+        shape, dtype = SHAPES[shape_name], DTYPES[dtype_name]
+        gen = torch.Generator().manual_seed(tokens * 131 + len(rows))
+        results = []
+        if "a2a_one_sided" in impls:
+            if world == 1:
+                for ep in sorted({1, args.ep_size}):
+                    if shape.num_experts % ep:
+                        continue
+                    for r in ours_single_process(args, shape, dtype, tokens, kind, ep, gen, device):
+                        results.append(("a2a_one_sided", ep, *r))
+            else:
+                results += [("a2a_one_sided", world, *r) for r in
+                            ours_distributed(args, shape, dtype, tokens, kind, group, gen, device)]
+        for impl in impls:
+            if impl in ("nccl_a2a", "agrs"):
+                results += [(impl, world, *r) for r in
+                            baseline_rows(args, impl, shape, dtype, tokens, kind, group, gen,
+                                          device)]
+        for impl, ep, op, mode, samples, nbytes in results:
+            med, p99 = stats(samples)
+            gbps = nbytes / (med * 1e-6) / 1e9 if med > 0 else 0.0
+            rows.append(dict(impl=impl, op=op, mode=mode, shape=shape_name, dtype=dtype_name,
+                             routing=kind, tokens_per_rank=tokens, ep_size=ep,
+                             median_us=round(med, 2), p99_us=round(p99, 2), bytes=nbytes,
+                             gbps=round(gbps, 2), frac_of_limit=round(gbps / limit, 4)))
+    if rank == 0:
+        gpu = torch.cuda.get_device_name(device)
+        machine = gpu.replace("NVIDIA ", "").replace(" ", "_") + f"_x{world}"
+        out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / machine / f"{args.name}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                                    text=True).stdout.strip() or os.environ.get("A2A_COMMIT", "")
+        except OSError:
+            commit = os.environ.get("A2A_COMMIT", "")
+        doc = dict(command=" ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+                   commit=commit or os.environ.get("A2A_COMMIT", "unknown"), gpu=gpu,
+                   world_size=world, torch=torch.__version__, cuda=torch.version.cuda,
+                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                   limit_kind=limit_kind, limit_gbps=round(limit, 1), rows=rows)
+        out.write_text(json.dumps(doc, indent=1))
+        print(f"wrote {out} ({len(rows)} rows); {limit_kind} limit {limit:.0f} GB/s")
+    dist.destroy_process_group()
+
+
+def ours_distributed(args, shape, dtype, tokens, kind, group, gen, device):
+    world, me = dist.get_world_size(group), dist.get_rank(group)
+    spec = AllToAllSpec(ep_size=world, max_tokens_per_rank=tokens, hidden_size=shape.hidden,
+                        top_k=shape.top_k, num_experts=shape.num_experts, dispatch_dtype=dtype,
+                        scale_cols=shape.hidden // 128 if dtype == torch.float8_e4m3fn else 0)
+    ws = Workspace.allocate_symmetric(spec, group, device)
+    a2a = OneSidedAllToAll(ws, me, config=A2AConfig(
+        threads_per_block=args.threads_per_block, max_blocks=args.max_blocks,
+        check_expert_ids=False, timeout_s=30.0))
+    xs, scales, ids, weights = make_inputs(gen, shape, tokens, dtype, kind, world, device)
+    payload_row = sum(spec.payload_row_bytes)
+    disp_bytes = crossing_bytes(ids, shape.num_experts, world, payload_row)
+    comb_bytes = crossing_bytes(ids, shape.num_experts, world, spec.combine_row_bytes)
+
+    def dispatch():
+        a2a.dispatch(xs[me], ids[me], weights[me], x_scales=scales[me], runtime_max_tokens=tokens)
+
+    rows = []
+    d_us, c_us, r_us = [], [], []
+    for i in range(args.warmup + args.iters):
+        e0, e1, e2 = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+        dist.barrier(group)
+        e0.record()
+        dispatch()
+        e1.record()
+        a2a.combine()
+        e2.record()
+        torch.cuda.synchronize()
+        if i >= args.warmup:
+            d_us.append(e0.elapsed_time(e1) * 1e3)
+            c_us.append(e1.elapsed_time(e2) * 1e3)
+            r_us.append(e0.elapsed_time(e2) * 1e3)
+    a2a.check_errors()
+    rows += [("dispatch", "eager", d_us, disp_bytes), ("combine", "eager", c_us, comb_bytes),
+             ("round_trip", "eager", r_us, disp_bytes + comb_bytes)]
+    ws.release()
+    return rows
+
+
+if __name__ == "__main__":
+    main()
