@@ -21,8 +21,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
+# One hardware queue per logical rank's stream; must precede CUDA initialisation.
+os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))

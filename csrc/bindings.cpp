@@ -95,7 +95,7 @@ void check_cuda_tensor(const at::Tensor& t, const char* name, const at::Device& 
 
 CommonParams make_common(const at::Tensor& workspace, c10::IntArrayRef peer_ptrs, int64_t rank,
                          const at::Tensor& topk_ids, const at::Tensor& expert_owner,
-                         const at::Tensor& error_record, const WorkspaceSpec& spec,
+                         int64_t error_record_ptr, const WorkspaceSpec& spec,
                          int64_t runtime_max_tokens, int64_t phases, int64_t num_blocks,
                          int64_t threads_per_block, int64_t timeout_ns) {
   const at::Device device = workspace.device();
@@ -118,9 +118,8 @@ CommonParams make_common(const at::Tensor& workspace, c10::IntArrayRef peer_ptrs
   TORCH_CHECK(expert_owner.scalar_type() == at::kInt && expert_owner.dim() == 1 &&
                   expert_owner.numel() >= 1 && expert_owner.numel() <= kMaxExperts,
               "expert_owner must be int32 [num_experts] with num_experts in [1, ", kMaxExperts, "]");
-  TORCH_CHECK(error_record.device().is_cpu() && error_record.is_pinned() &&
-                  error_record.scalar_type() == at::kInt && error_record.numel() >= kErrorRecordSize,
-              "error_record must be a pinned int32 CPU tensor of ", kErrorRecordSize, " elements");
+  TORCH_CHECK(error_record_ptr != 0, "error_record_ptr must be a device address from "
+              "error_record_device_address()");
   const int64_t num_tokens = topk_ids.size(0);
   TORCH_CHECK(runtime_max_tokens >= num_tokens && runtime_max_tokens <= spec.max_tokens_per_rank,
               "runtime_max_tokens (", runtime_max_tokens, ") must be >= num_tokens (", num_tokens,
@@ -141,9 +140,7 @@ CommonParams make_common(const at::Tensor& workspace, c10::IntArrayRef peer_ptrs
   p.layout = layout;
   p.topk_ids = topk_ids.data_ptr<int32_t>();
   p.expert_owner = expert_owner.data_ptr<int32_t>();
-  void* device_record = nullptr;
-  C10_CUDA_CHECK(cudaHostGetDevicePointer(&device_record, error_record.data_ptr(), 0));
-  p.error_record = static_cast<int32_t*>(device_record);
+  p.error_record = reinterpret_cast<int32_t*>(error_record_ptr);
   p.timeout_ns = static_cast<uint64_t>(timeout_ns);
   p.phases = static_cast<int>(phases);
   p.num_blocks = static_cast<int>(num_blocks);
@@ -154,7 +151,7 @@ CommonParams make_common(const at::Tensor& workspace, c10::IntArrayRef peer_ptrs
 void dispatch(at::Tensor& workspace, c10::IntArrayRef peer_ptrs, int64_t rank,
               at::TensorList payloads, const at::Tensor& topk_ids,
               const std::optional<at::Tensor>& topk_weights, const at::Tensor& expert_owner,
-              const at::Tensor& pad_ids, at::Tensor& error_record, int64_t max_tokens_per_rank,
+              const at::Tensor& pad_ids, int64_t error_record_ptr, int64_t max_tokens_per_rank,
               int64_t runtime_max_tokens, int64_t combine_row_bytes, int64_t phases,
               int64_t num_blocks, int64_t threads_per_block, int64_t timeout_ns) {
   const c10::cuda::CUDAGuard guard(workspace.device());
@@ -164,7 +161,7 @@ void dispatch(at::Tensor& workspace, c10::IntArrayRef peer_ptrs, int64_t rank,
                                        topk_ids.dim() == 2 ? topk_ids.size(1) : 0, row_bytes,
                                        combine_row_bytes);
   DispatchParams dp{};
-  dp.common = make_common(workspace, peer_ptrs, rank, topk_ids, expert_owner, error_record, spec,
+  dp.common = make_common(workspace, peer_ptrs, rank, topk_ids, expert_owner, error_record_ptr, spec,
                           runtime_max_tokens, phases, num_blocks, threads_per_block, timeout_ns);
   check_cuda_tensor(pad_ids, "pad_ids", workspace.device());
   TORCH_CHECK(pad_ids.scalar_type() == at::kInt && pad_ids.numel() == spec.ep_size,
@@ -190,7 +187,7 @@ void dispatch(at::Tensor& workspace, c10::IntArrayRef peer_ptrs, int64_t rank,
 
 void combine(at::Tensor& workspace, c10::IntArrayRef peer_ptrs, int64_t rank,
              const at::Tensor& topk_ids, const at::Tensor& expert_owner, at::Tensor& out,
-             at::Tensor& error_record, int64_t max_tokens_per_rank, int64_t runtime_max_tokens,
+             int64_t error_record_ptr, int64_t max_tokens_per_rank, int64_t runtime_max_tokens,
              c10::IntArrayRef payload_row_bytes, int64_t phases, int64_t num_blocks,
              int64_t threads_per_block, int64_t timeout_ns) {
   const c10::cuda::CUDAGuard guard(workspace.device());
@@ -202,7 +199,7 @@ void combine(at::Tensor& workspace, c10::IntArrayRef peer_ptrs, int64_t rank,
       make_spec(static_cast<int64_t>(peer_ptrs.size()), max_tokens_per_rank,
                 topk_ids.dim() == 2 ? topk_ids.size(1) : 0, payload_row_bytes, combine_row_bytes);
   CombineParams cp{};
-  cp.common = make_common(workspace, peer_ptrs, rank, topk_ids, expert_owner, error_record, spec,
+  cp.common = make_common(workspace, peer_ptrs, rank, topk_ids, expert_owner, error_record_ptr, spec,
                           runtime_max_tokens, phases, num_blocks, threads_per_block, timeout_ns);
   switch (out.scalar_type()) {
     case at::kFloat: cp.dtype = CombineDtype::kFloat32; break;
@@ -214,6 +211,19 @@ void combine(at::Tensor& workspace, c10::IntArrayRef peer_ptrs, int64_t rank,
   cp.output = out.data_ptr();
   const int err = launch_combine(cp, at::cuda::getCurrentCUDAStream(workspace.device().index()));
   C10_CUDA_CHECK(static_cast<cudaError_t>(err));
+}
+
+// Device alias of a pinned host tensor: kernels write errors there and the host
+// reads them without a CUDA call. Passed to the ops as an int so compilers never
+// functionalize (copy) it: it is an out-of-band channel, not a tensor value.
+int64_t error_record_device_address(const at::Tensor& record) {
+  TORCH_CHECK(record.device().is_cpu() && record.is_pinned() && record.scalar_type() == at::kInt &&
+                  record.numel() >= kErrorRecordSize,
+              "the error record must be a pinned int32 CPU tensor of ", kErrorRecordSize,
+              " elements");
+  void* device_ptr = nullptr;
+  C10_CUDA_CHECK(cudaHostGetDevicePointer(&device_ptr, record.data_ptr(), 0));
+  return reinterpret_cast<int64_t>(device_ptr);
 }
 
 int64_t combine_max_resident_blocks_op(int64_t device, int64_t threads_per_block) {
@@ -242,16 +252,17 @@ TORCH_LIBRARY(a2a_one_sided, m) {
   m.def("built_with_cuda() -> bool", &a2a::built_with_cuda);
   m.def("dispatch(Tensor(a!) workspace, int[] peer_ptrs, int rank, Tensor[] payloads, "
         "Tensor topk_ids, Tensor? topk_weights, Tensor expert_owner, Tensor pad_ids, "
-        "Tensor(b!) error_record, int max_tokens_per_rank, int runtime_max_tokens, "
+        "int error_record_ptr, int max_tokens_per_rank, int runtime_max_tokens, "
         "int combine_row_bytes, int phases, int num_blocks, int threads_per_block, "
         "int timeout_ns) -> ()");
   m.def("combine(Tensor(a!) workspace, int[] peer_ptrs, int rank, Tensor topk_ids, "
-        "Tensor expert_owner, Tensor(b!) out, Tensor(c!) error_record, int max_tokens_per_rank, "
+        "Tensor expert_owner, Tensor(b!) out, int error_record_ptr, int max_tokens_per_rank, "
         "int runtime_max_tokens, int[] payload_row_bytes, int phases, int num_blocks, "
         "int threads_per_block, int timeout_ns) -> ()");
 #ifdef A2A_WITH_CUDA
   m.def("combine_max_resident_blocks(int device, int threads_per_block) -> int",
         &a2a::combine_max_resident_blocks_op);
+  m.def("error_record_device_address(Tensor record) -> int", &a2a::error_record_device_address);
 #endif
 }
 

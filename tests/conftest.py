@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
+# Before anything initialises CUDA: one hardware queue per logical rank's stream
+# (see vllm_a2a_plugin/local_ranks.py, concurrent mode).
+os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 def _kernels_skip_reason() -> str | None:

@@ -362,52 +362,49 @@ def test_symmetric_memory_workspace_single_process():
 
 
 def test_ops_trace_under_torch_compile():
-    """The raw ops go through torch.compile (fake impls, mutation schema).
+    """The raw ops compile with inductor (fake impls, honest mutation schema).
 
-    Inductor re-inplaces the mutated workspace; a backend that keeps the
-    functional clones (aot_eager) cannot work for peer-visible memory, because a
-    clone is not what the peers write into.
+    The workspace is a graph input, so inductor re-inplaces the mutation instead
+    of copying: a copy of peer-visible memory is not what the peers write into
+    (the op refuses it: "peer_ptrs[rank] must be this rank's workspace").
     """
     import torch._dynamo
 
     spec = AllToAllSpec(ep_size=2, max_tokens_per_rank=8, hidden_size=128, top_k=1,
                         num_experts=2)
     ranks = LocalRanks(spec, config=A2AConfig(timeout_s=5.0))
-    r0, r1 = ranks.ranks
     ws = ranks.workspace
+    peer_ptrs = ws.peer_ptrs
+    owner = ranks.ranks[0]._expert_owner
+    pads = ranks.ranks[0]._pad_ids
+    errs = [a2a._error_record_ptr for a2a in ranks.ranks]
     x = [torch.randn(4, 128, device="cuda").to(torch.bfloat16) for _ in range(2)]
     ids = [torch.tensor([[0], [1], [1], [0]], dtype=torch.int32, device="cuda")] * 2
     outs = [torch.empty(4, 128, dtype=torch.bfloat16, device="cuda") for _ in range(2)]
 
-    def round_trip(x0, x1, ids0, ids1, out0, out1):
-        for rank, (xx, ii) in enumerate(((x0, ids0), (x1, ids1))):
-            a2a = ranks.ranks[rank]
-            torch.ops.a2a_one_sided.dispatch(
-                ws.buffers[rank], ws.peer_ptrs, rank, [xx], ii, None, a2a._expert_owner,
-                a2a._pad_ids, a2a._error_record, 8, 4, spec.combine_row_bytes, 1, 1, 256, 10**9)
-        for rank in range(2):
-            a2a = ranks.ranks[rank]
-            torch.ops.a2a_one_sided.dispatch(
-                ws.buffers[rank], ws.peer_ptrs, rank, [(x0, x1)[rank]], (ids0, ids1)[rank], None,
-                a2a._expert_owner, a2a._pad_ids, a2a._error_record, 8, 4,
-                spec.combine_row_bytes, 2, 1, 256, 10**9)
-        for rank in range(2):
-            y = ws.region(rank, ws.layout.combine, torch.bfloat16, (8, 128))
-            recv = ws.region(rank, ws.layout.payloads[0], torch.bfloat16, (8, 128))
-            y.copy_(recv)
+    def dispatch_all(ws0, ws1, x0, x1, ids0, ids1):
         for phase in (1, 2):
-            for rank, (ii, oo) in enumerate(((ids0, out0), (ids1, out1))):
-                a2a = ranks.ranks[rank]
+            for rank, (buf, xx, ii) in enumerate(((ws0, x0, ids0), (ws1, x1, ids1))):
+                torch.ops.a2a_one_sided.dispatch(
+                    buf, peer_ptrs, rank, [xx], ii, None, owner, pads, errs[rank], 8, 4,
+                    spec.combine_row_bytes, phase, 1, 256, 10**9)
+
+    def combine_all(ws0, ws1, ids0, ids1, out0, out1):
+        for phase in (1, 2):
+            for rank, (buf, ii, oo) in enumerate(((ws0, ids0, out0), (ws1, ids1, out1))):
                 torch.ops.a2a_one_sided.combine(
-                    ws.buffers[rank], ws.peer_ptrs, rank, ii, a2a._expert_owner, oo,
-                    a2a._error_record, 8, 4, list(spec.payload_row_bytes), phase, 1, 256, 10**9)
-        return out0, out1
+                    buf, peer_ptrs, rank, ii, owner, oo, errs[rank], 8, 4,
+                    list(spec.payload_row_bytes), phase, 1, 256, 10**9)
 
     torch._dynamo.reset()
-    compiled = torch.compile(round_trip, backend="inductor", fullgraph=True)
-    got0, got1 = compiled(x[0], x[1], ids[0], ids[1], outs[0], outs[1])
+    bufs = [ws.buffers[0], ws.buffers[1]]
+    torch.compile(dispatch_all, backend="inductor", fullgraph=True)(*bufs, *x, *ids)
+    for rank in range(2):  # experts: identity, written where combine reads
+        y = ws.region(rank, ws.layout.combine, torch.bfloat16, (8, 128))
+        y.copy_(ws.region(rank, ws.layout.payloads[0], torch.bfloat16, (8, 128)))
+    torch.compile(combine_all, backend="inductor", fullgraph=True)(*bufs, *ids, *outs)
     torch.cuda.synchronize()
     ranks.synchronize()
     # Each token went to exactly one expert's rank and came back unchanged.
-    torch.testing.assert_close(got0, x[0])
-    torch.testing.assert_close(got1, x[1])
+    torch.testing.assert_close(outs[0], x[0])
+    torch.testing.assert_close(outs[1], x[1])

@@ -106,6 +106,8 @@ class OneSidedAllToAll:
         self._pad_ids = torch.tensor(self.padding_ids, dtype=torch.int32, device=self.device)
         self._sm_count = torch.cuda.get_device_properties(self.device).multi_processor_count
         self._error_record = torch.zeros(8, dtype=torch.int32, pin_memory=True)
+        self._error_record_ptr = int(
+            torch.ops.a2a_one_sided.error_record_device_address(self._error_record))
         self._phase = "idle"
         self._runtime_max_tokens = 0
         self._topk_ids: torch.Tensor | None = None
@@ -225,7 +227,7 @@ class OneSidedAllToAll:
         m = self._runtime_max_tokens
         torch.ops.a2a_one_sided.dispatch(
             self._buffer, self.workspace.peer_ptrs, self.rank, payloads, topk_ids,
-            topk_weights, self._expert_owner, self._pad_ids, self._error_record,
+            topk_weights, self._expert_owner, self._pad_ids, self._error_record_ptr,
             self.spec.max_tokens_per_rank, m, self.spec.combine_row_bytes, phases,
             self._grid(m), self.config.threads_per_block, self.config.timeout_ns)
 
@@ -291,7 +293,7 @@ class OneSidedAllToAll:
         num_tokens = self._topk_ids.shape[0]
         torch.ops.a2a_one_sided.combine(
             self._buffer, self.workspace.peer_ptrs, self.rank, self._topk_ids,
-            self._expert_owner, self._combine_dst, self._error_record,
+            self._expert_owner, self._combine_dst, self._error_record_ptr,
             self.spec.max_tokens_per_rank, self._runtime_max_tokens,
             list(self.spec.payload_row_bytes), phases, self._grid(num_tokens),
             self.config.threads_per_block, self.config.timeout_ns)

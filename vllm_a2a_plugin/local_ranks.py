@@ -9,12 +9,18 @@ kernels. Two ways to drive them:
   started, so it also works where kernels are serialised (compute-sanitizer).
 * ``"concurrent"``: each rank's fused launches on its own stream, all in
   flight at once, exactly as separate GPUs would run them. Grids are bounded so
-  every rank's combine blocks are resident together.
+  every rank's combine blocks are resident together, and every rank's stream
+  needs its own hardware queue: two ranks whose streams share a queue wait on
+  each other forever (until the timeout). So concurrent mode requires
+  ``CUDA_DEVICE_MAX_CONNECTIONS >= ep_size + 1`` set before CUDA initialises
+  (the tests and benchmarks set 32).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+import os
 
 import torch
 
@@ -25,6 +31,18 @@ from vllm_a2a_plugin.errors import A2AInputError
 from vllm_a2a_plugin.workspace import AllToAllSpec, Workspace
 
 MODES = ("split", "concurrent")
+_CUDA_DEFAULT_MAX_CONNECTIONS = 8
+
+
+def _check_hardware_queues(ep_size: int) -> None:
+    raw = os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS", "")
+    connections = int(raw) if raw.strip() else _CUDA_DEFAULT_MAX_CONNECTIONS
+    if connections < ep_size + 1:
+        raise A2AInputError(
+            f"concurrent mode with {ep_size} ranks needs CUDA_DEVICE_MAX_CONNECTIONS >= "
+            f"{ep_size + 1} (it is {connections}): ranks whose streams share a hardware queue "
+            "deadlock. Set it (e.g. 32) before CUDA initialises, or use mode='split'."
+        )
 
 
 class LocalRanks:
@@ -49,6 +67,7 @@ class LocalRanks:
         self.workspace = Workspace.allocate_local(spec, device)
         config = config or A2AConfig()
         if mode == "concurrent":
+            _check_hardware_queues(spec.ep_size)
             device_index = self.workspace.device.index or 0
             resident = ops.combine_max_resident_blocks(device_index, config.threads_per_block)
             share = max(1, resident // spec.ep_size)
