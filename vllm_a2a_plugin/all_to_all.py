@@ -169,7 +169,8 @@ class OneSidedAllToAll:
                  x_scales: torch.Tensor | None = None,
                  extra_payloads: tuple[torch.Tensor, ...] = (),
                  runtime_max_tokens: int | None = None,
-                 phases: int = PHASE_BOTH) -> DispatchResult:
+                 phases: int = PHASE_BOTH,
+                 check_expert_ids: bool | None = None) -> DispatchResult:
         """Send this rank's tokens to the ranks owning their experts.
 
         Args:
@@ -184,6 +185,8 @@ class OneSidedAllToAll:
                 size). Default: the workspace capacity.
             phases: ``PHASE_BOTH`` (one fused launch), or ``PHASE_SEND``
                 followed later by :meth:`wait_dispatch`.
+            check_expert_ids: host-side id range check (a device sync);
+                default ``config.check_expert_ids``; never under graph capture.
 
         Returns:
             :class:`DispatchResult` views (complete once the wait phase ran).
@@ -202,7 +205,9 @@ class OneSidedAllToAll:
         check_dispatch_inputs(self.spec, x=x, topk_ids=topk_ids, topk_weights=topk_weights,
                               x_scales=x_scales, extra_payloads=tuple(extra_payloads),
                               runtime_max_tokens=m, device=self.device)
-        if self.config.check_expert_ids and not torch.cuda.is_current_stream_capturing():
+        if check_expert_ids is None:
+            check_expert_ids = self.config.check_expert_ids
+        if check_expert_ids and not torch.cuda.is_current_stream_capturing():
             check_expert_ids_in_range(topk_ids, self.spec.num_experts)
         payloads = [x] + ([x_scales] if x_scales is not None else []) + list(extra_payloads)
         self._dispatch_args = (payloads, topk_ids, topk_weights)
@@ -258,25 +263,35 @@ class OneSidedAllToAll:
             )
         if y is not None:
             self._stage_combine_input(y)
-        assert self._topk_ids is not None
-        num_tokens = self._topk_ids.shape[0]
-        if out is None:
-            key = (num_tokens, self.spec.combine_dtype)
-            out = self._combine_out.get(key)
-            if out is None:
-                out = torch.empty(num_tokens, self.spec.hidden_size, device=self.device,
-                                  dtype=self.spec.combine_dtype)
-                self._combine_out = {key: out}
-        else:
-            check_tensor(out, "out", dtype=self.spec.combine_dtype,
-                         shape=(num_tokens, self.spec.hidden_size), device=self.device)
-        self._combine_dst = out
+        self._combine_dst = self.combine_output(out)
         self._launch_combine(phases)
         if phases == PHASE_SEND:
             self._phase = "combine_sent"
         else:
             self._finish_round()
         return out
+
+    def combine_output(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The ``[T, H]`` tensor combine will write: ``out`` checked, or a cached one.
+
+        Allocating here (not between launches) matters when several ranks share
+        a process: an allocation can synchronise the device while a launched
+        rank waits for one not yet launched.
+        """
+        if self._topk_ids is None:
+            raise A2AStateError("combine_output() is only valid after dispatch()")
+        num_tokens = self._topk_ids.shape[0]
+        if out is not None:
+            check_tensor(out, "out", dtype=self.spec.combine_dtype,
+                         shape=(num_tokens, self.spec.hidden_size), device=self.device)
+            return out
+        key = (num_tokens, self.spec.combine_dtype)
+        cached = self._combine_out.get(key)
+        if cached is None:
+            cached = torch.empty(num_tokens, self.spec.hidden_size, device=self.device,
+                                 dtype=self.spec.combine_dtype)
+            self._combine_out = {key: cached}
+        return cached
 
     def wait_combine(self) -> torch.Tensor:
         """Second half of a split combine: wait for every peer, then reduce into ``out``."""

@@ -28,6 +28,7 @@ from vllm_a2a_plugin import ops
 from vllm_a2a_plugin.all_to_all import PHASE_BOTH, PHASE_SEND, DispatchResult, OneSidedAllToAll
 from vllm_a2a_plugin.config import A2AConfig
 from vllm_a2a_plugin.errors import A2AInputError
+from vllm_a2a_plugin.validation import check_expert_ids_in_range
 from vllm_a2a_plugin.workspace import AllToAllSpec, Workspace
 
 MODES = ("split", "concurrent")
@@ -109,11 +110,19 @@ class LocalRanks:
         m = runtime_max_tokens
         if m is None:
             m = max(int(t.shape[0]) for t in topk_ids)
+        # Anything that can synchronise the device (the id check, allocations) runs
+        # for every rank before any rank launches: a launched rank may be waiting
+        # for one that is not launched yet.
+        check_ids = self.config.check_expert_ids and not torch.cuda.is_current_stream_capturing()
+        if check_ids:
+            for ids in topk_ids:
+                check_expert_ids_in_range(ids, self.spec.num_experts)
 
         def send(rank: int, phases: int) -> DispatchResult:
             return self.ranks[rank].dispatch(
                 xs[rank], topk_ids[rank], weights[rank], x_scales=scales[rank],
-                extra_payloads=tuple(extras[rank]), runtime_max_tokens=m, phases=phases)
+                extra_payloads=tuple(extras[rank]), runtime_max_tokens=m, phases=phases,
+                check_expert_ids=False)
 
         if self.mode == "split":
             for rank in range(p):
@@ -130,6 +139,7 @@ class LocalRanks:
         p = self.spec.ep_size
         ys = ys if ys is not None else [None] * p
         outs = outs if outs is not None else [None] * p
+        outs = [a2a.combine_output(out) for a2a, out in zip(self.ranks, outs)]
         if self.mode == "split":
             for rank in range(p):
                 self.ranks[rank].combine(ys[rank], out=outs[rank], phases=PHASE_SEND)
