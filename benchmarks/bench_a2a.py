@@ -102,14 +102,15 @@ def peer_limit_gbps(group, device: torch.device, nbytes: int = 256 << 20) -> flo
 
 
 def make_inputs(gen, shape, tokens, dtype, kind, ranks, device):
+    """Random per-rank inputs, generated on the GPU (``gen`` is a CUDA generator)."""
     xs, scales, ids, weights = [], [], [], []
     for _ in range(ranks):
-        x = torch.randn((tokens, shape.hidden), generator=gen)
-        xs.append(x.to(dtype).to(device))
-        scales.append(torch.rand((tokens, shape.hidden // 128), generator=gen).to(device)
+        x = torch.randn((tokens, shape.hidden), generator=gen, device=device)
+        xs.append(x.to(dtype))
+        scales.append(torch.rand((tokens, shape.hidden // 128), generator=gen, device=device)
                       if dtype == torch.float8_e4m3fn else None)
-        ids.append(routing(gen, tokens, shape, kind).to(device))
-        weights.append(torch.rand((tokens, shape.top_k), generator=gen).to(device))
+        ids.append(routing(gen, tokens, shape, kind))
+        weights.append(torch.rand((tokens, shape.top_k), generator=gen, device=device))
     return xs, scales, ids, weights
 
 
@@ -254,7 +255,7 @@ def main(argv=None):
     rows = []
     for shape_name, dtype_name, kind, tokens in progress:
         shape, dtype = SHAPES[shape_name], DTYPES[dtype_name]
-        gen = torch.Generator().manual_seed(tokens * 131 + len(rows))
+        gen = torch.Generator(device=device).manual_seed(tokens * 131 + len(rows))
         results = []
         if "a2a_one_sided" in impls:
             if world == 1:

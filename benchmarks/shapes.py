@@ -26,7 +26,7 @@ DEFAULT_TOKENS = (1, 8, 32, 128, 256, 512, 1024, 2048, 4096)
 
 def routing(gen: torch.Generator, num_tokens: int, shape: MoEShape, kind: str) -> torch.Tensor:
     """``[T, K]`` int32 distinct expert ids; ``skewed`` sends most picks to 4 hot experts."""
-    scores = torch.rand((num_tokens, shape.num_experts), generator=gen)
+    scores = torch.rand((num_tokens, shape.num_experts), generator=gen, device=gen.device)
     if kind == "skewed":
         scores[:, : min(4, shape.num_experts)] += 2.0
     elif kind != "uniform":

@@ -186,10 +186,19 @@ int launch_combine(const CombineParams& params, cudaStream_t stream) {
 int combine_max_resident_blocks(int device, int threads_per_block) {
   int sms = 0;
   if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) return 0;
-  int per_sm = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, combine_kernel<float>, threads_per_block,
-                                                    0) != cudaSuccess) {
-    return 0;
+  // The dtype instantiations use different register counts; the bound must hold
+  // for whichever one runs, so take the smallest occupancy.
+  const void* kernels[] = {reinterpret_cast<const void*>(combine_kernel<float>),
+                           reinterpret_cast<const void*>(combine_kernel<__half>),
+                           reinterpret_cast<const void*>(combine_kernel<__nv_bfloat16>)};
+  int per_sm = 1 << 30;
+  for (const void* kernel : kernels) {
+    int blocks = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads_per_block, 0) !=
+        cudaSuccess) {
+      return 0;
+    }
+    per_sm = blocks < per_sm ? blocks : per_sm;
   }
   return sms * per_sm;
 }

@@ -263,7 +263,7 @@ class OneSidedAllToAll:
             )
         if y is not None:
             self._stage_combine_input(y)
-        self._combine_dst = self.combine_output(out)
+        out = self._combine_dst = self.combine_output(out)
         self._launch_combine(phases)
         if phases == PHASE_SEND:
             self._phase = "combine_sent"
