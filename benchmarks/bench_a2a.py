@@ -284,11 +284,14 @@ def main(argv=None):
         machine = gpu.replace("NVIDIA ", "").replace(" ", "_") + f"_x{world}"
         out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / machine / f"{args.name}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
+        commit = os.environ.get("A2A_COMMIT", "")
         try:
-            commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                                    text=True).stdout.strip() or os.environ.get("A2A_COMMIT", "")
+            found = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                                   text=True).stdout.strip()
+            if len(found) == 40:  # a copied tree without .git answers something else
+                commit = found
         except OSError:
-            commit = os.environ.get("A2A_COMMIT", "")
+            pass
         doc = dict(command=" ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
                    commit=commit or os.environ.get("A2A_COMMIT", "unknown"), gpu=gpu,
                    world_size=world, torch=torch.__version__, cuda=torch.version.cuda,

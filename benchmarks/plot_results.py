@@ -38,6 +38,8 @@ def plot_file(path: Path) -> list[Path]:
     written = []
     for (shape, dtype, routing), rows in sorted(groups.items()):
         fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=False)
+        names = sorted({label(r) for r in rows})
+        colors = {n: plt.cm.tab10(i % 10) for i, n in enumerate(names)}
         for ax, op in zip(axes, OPS):
             lines = defaultdict(list)
             for row in rows:
@@ -45,14 +47,16 @@ def plot_file(path: Path) -> list[Path]:
                     lines[label(row)].append((row["tokens_per_rank"], row["median_us"]))
             for name, points in sorted(lines.items()):
                 points.sort()
-                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name,
+                        color=colors[name])
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_title(op)
             ax.set_xlabel("tokens per rank")
             ax.set_ylabel("median time (us)")
             ax.grid(True, which="both", alpha=0.3)
-        axes[0].legend(fontsize=7)
+        for ax in axes:
+            ax.legend(fontsize=7)
         fig.suptitle(f"{shape} {dtype} {routing} - {doc['gpu']} x{doc['world_size']} "
                      f"(limit {doc['limit_kind']} {doc['limit_gbps']} GB/s)")
         fig.tight_layout()
