@@ -27,7 +27,7 @@ from vllm_a2a_plugin.errors import (
     A2ATimeoutError,
 )
 from vllm_a2a_plugin.padding import linear_expert_owner, padding_ids_for_ranks
-from vllm_a2a_plugin.validation import check_dispatch_inputs, check_expert_ids_in_range, check_tensor
+from vllm_a2a_plugin.validation import is_capturing, check_dispatch_inputs, check_expert_ids_in_range, check_tensor
 from vllm_a2a_plugin.workspace import AllToAllSpec, Workspace
 
 PHASE_SEND = ops.PHASE_SEND
@@ -207,7 +207,7 @@ class OneSidedAllToAll:
                               runtime_max_tokens=m, device=self.device)
         if check_expert_ids is None:
             check_expert_ids = self.config.check_expert_ids
-        if check_expert_ids and not torch.cuda.is_current_stream_capturing():
+        if check_expert_ids and not is_capturing():
             check_expert_ids_in_range(topk_ids, self.spec.num_experts)
         payloads = [x] + ([x_scales] if x_scales is not None else []) + list(extra_payloads)
         self._dispatch_args = (payloads, topk_ids, topk_weights)

@@ -28,7 +28,7 @@ from vllm_a2a_plugin import ops
 from vllm_a2a_plugin.all_to_all import PHASE_BOTH, PHASE_SEND, DispatchResult, OneSidedAllToAll
 from vllm_a2a_plugin.config import A2AConfig
 from vllm_a2a_plugin.errors import A2AInputError
-from vllm_a2a_plugin.validation import check_expert_ids_in_range
+from vllm_a2a_plugin.validation import is_capturing, check_expert_ids_in_range
 from vllm_a2a_plugin.workspace import AllToAllSpec, Workspace
 
 MODES = ("split", "concurrent")
@@ -113,7 +113,7 @@ class LocalRanks:
         # Anything that can synchronise the device (the id check, allocations) runs
         # for every rank before any rank launches: a launched rank may be waiting
         # for one that is not launched yet.
-        check_ids = self.config.check_expert_ids and not torch.cuda.is_current_stream_capturing()
+        check_ids = self.config.check_expert_ids and not is_capturing()
         if check_ids:
             for ids in topk_ids:
                 check_expert_ids_in_range(ids, self.spec.num_experts)

@@ -94,7 +94,7 @@ def dispatch_reference(
             if recv_scales is not None:
                 recv_scales[s, :n][sent] = x_scales[s].cpu()[sent]
             for i, e in enumerate(extra_payloads[s] if extra_payloads is not None else ()):
-                raw = e.cpu().contiguous().view(torch.uint8).reshape(n, -1)
+                raw = e.cpu().contiguous().view(torch.uint8).reshape(n, _row_bytes(e))
                 recv_extra[i][s, :n][sent] = raw[sent]
         results.append(ReferenceDispatch(
             recv_x=recv_x.reshape(p * m, hidden),
@@ -213,8 +213,9 @@ class ReferenceAllToAll:
 
     def _all_gather_rows(self, t: torch.Tensor, m: int) -> list[torch.Tensor]:
         """All-gather ``[T, ...]`` tensors padded to ``[m, ...]`` as raw bytes."""
-        raw = t.detach().to("cpu").contiguous().view(torch.uint8).reshape(t.shape[0], -1)
-        padded = torch.zeros((m, raw.shape[1] if raw.dim() == 2 else 0), dtype=torch.uint8)
+        row_bytes = _row_bytes(t)
+        raw = t.detach().to("cpu").contiguous().view(torch.uint8).reshape(t.shape[0], row_bytes)
+        padded = torch.zeros((m, row_bytes), dtype=torch.uint8)
         padded[: raw.shape[0]] = raw
         gathered = [torch.empty_like(padded) for _ in range(self.spec.ep_size)]
         self._dist.all_gather(gathered, padded, group=self.group)

@@ -12,6 +12,11 @@ from vllm_a2a_plugin.errors import A2AInputError
 from vllm_a2a_plugin.workspace import AllToAllSpec
 
 
+def is_capturing() -> bool:
+    """True while a CUDA graph is being captured on the current stream (never on CPU torch)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def check_tensor(t: torch.Tensor, name: str, *, dtype: torch.dtype | tuple[torch.dtype, ...],
                  shape: tuple[int | None, ...], device: torch.device | None) -> None:
     if not isinstance(t, torch.Tensor):

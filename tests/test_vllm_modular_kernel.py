@@ -1,0 +1,114 @@
+"""prepare -> experts -> finalize through vLLM's own modular kernel, on CPU.
+
+Every rank is a real vLLM process setup: vLLM's distributed environment over
+gloo with DP = EP = world size and ``all2all_backend="a2a_one_sided"``, so
+vLLM's CPU communicator builds *our* manager (through the plugin's patch) and
+vLLM's factory returns *our* prepare/finalize. On CPU the manager hands out the
+reference all-to-all (same semantics as the kernels, over gloo). The MoE output
+of every rank must equal a dense single-device MoE of that rank's tokens,
+including a rank with zero tokens, for experts that reduce themselves and for
+experts that leave the top-k reduction to finalize.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tests.multiproc import run_ranks
+
+NUM_EXPERTS, TOP_K, HIDDEN, INTER = 8, 3, 64, 32
+
+
+def _weights():
+    gen = torch.Generator().manual_seed(1234)
+    w1 = torch.randn((NUM_EXPERTS, 2 * INTER, HIDDEN), generator=gen) / HIDDEN ** 0.5
+    w2 = torch.randn((NUM_EXPERTS, HIDDEN, INTER), generator=gen) / INTER ** 0.5
+    return w1, w2
+
+
+def _tokens(rank: int, count: int, top_k: int):
+    gen = torch.Generator().manual_seed(100 + rank)
+    x = torch.randn((count, HIDDEN), generator=gen)
+    scores = torch.rand((count, NUM_EXPERTS), generator=gen)
+    weights, ids = scores.softmax(dim=-1).topk(top_k, dim=-1)
+    return x, weights.float(), ids.to(torch.int32)
+
+
+def _rank_main(rank, world_size, port, experts_kind, counts, apply_on_input, top_k):
+    os.environ["VLLM_TARGET_DEVICE"] = "cpu"
+    from vllm.plugins import load_general_plugins
+
+    load_general_plugins()  # vLLM's own loader runs our entry point
+
+    from vllm.config import ParallelConfig, VllmConfig, set_current_vllm_config
+    from vllm.distributed import (get_ep_group, init_distributed_environment,
+                                  initialize_model_parallel)
+    from vllm.model_executor.layers.fused_moe import modular_kernel as mk
+    from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+    from vllm.model_executor.layers.fused_moe.all2all_utils import maybe_make_prepare_finalize
+    from vllm.model_executor.layers.fused_moe.config import (
+        FUSED_MOE_UNQUANTIZED_CONFIG, FusedMoEConfig, FusedMoEParallelConfig,
+        RoutingMethodType)
+
+    from tests.torch_experts import ReducingTorchExperts, UnreducedTorchExperts, expert_mlp
+    from vllm_a2a_plugin.vllm.manager import OneSidedAll2AllManager
+    from vllm_a2a_plugin.vllm.prepare_finalize import OneSidedPrepareAndFinalize
+
+    parallel = ParallelConfig(data_parallel_size=world_size, data_parallel_rank=rank,
+                              enable_expert_parallel=True, all2all_backend="a2a_one_sided",
+                              distributed_executor_backend="external_launcher")
+    config = VllmConfig(parallel_config=parallel)
+    with set_current_vllm_config(config):
+        init_distributed_environment(world_size, rank, f"tcp://127.0.0.1:{port}", 0, "gloo")
+        initialize_model_parallel(1, 1)
+        manager = get_ep_group().device_communicator.all2all_manager
+        assert isinstance(manager, OneSidedAll2AllManager), type(manager)
+
+        moe_parallel = FusedMoEParallelConfig.make(1, 1, world_size, 1, parallel)
+        assert moe_parallel.use_all2all_kernels and moe_parallel.ep_size == world_size
+        per_rank = NUM_EXPERTS // world_size
+        moe = FusedMoEConfig(
+            num_experts=NUM_EXPERTS, experts_per_token=top_k, hidden_dim=HIDDEN,
+            intermediate_size=INTER, num_local_experts=per_rank,
+            num_logical_experts=NUM_EXPERTS, activation=MoEActivation.SILU, device="cpu",
+            routing_method=RoutingMethodType.Renormalize, moe_parallel_config=moe_parallel,
+            in_dtype=torch.float32, max_num_tokens=64)
+        prepare_finalize = maybe_make_prepare_finalize(moe, FUSED_MOE_UNQUANTIZED_CONFIG,
+                                                       allow_new_interface=True)
+        assert isinstance(prepare_finalize, OneSidedPrepareAndFinalize)
+        experts_cls = ReducingTorchExperts if experts_kind == "reducing" else UnreducedTorchExperts
+        kernel = mk.FusedMoEKernel(prepare_finalize,
+                                   experts_cls(moe, FUSED_MOE_UNQUANTIZED_CONFIG))
+
+        w1, w2 = _weights()
+        local = slice(rank * per_rank, (rank + 1) * per_rank)
+        expert_map = torch.full((NUM_EXPERTS,), -1, dtype=torch.int32)
+        expert_map[local] = torch.arange(per_rank, dtype=torch.int32)
+        for step in range(2):  # twice: the workspace is reused
+            x, weights, ids = _tokens(rank + 10 * step, counts[rank], top_k)
+            out = kernel.apply(x, w1[local], w2[local], weights, ids, MoEActivation.SILU,
+                               NUM_EXPERTS, expert_map, apply_on_input)
+            dense = torch.zeros_like(x)
+            for t in range(x.shape[0]):
+                for k in range(ids.shape[1]):
+                    e = int(ids[t, k])
+                    y = expert_mlp((x[t:t + 1] * weights[t, k]) if apply_on_input else x[t:t + 1],
+                                   w1[e], w2[e])
+                    dense[t] += (y[0] if apply_on_input else weights[t, k] * y[0])
+            assert out.shape == x.shape
+            torch.testing.assert_close(out, dense, rtol=1e-4, atol=1e-5)
+        manager.destroy()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experts_kind", ["reducing", "unreduced"])
+def test_modular_kernel_matches_dense_moe_two_ranks(experts_kind):
+    run_ranks(_rank_main, 2, experts_kind, [5, 0], False, TOP_K)
+
+
+@pytest.mark.slow
+def test_modular_kernel_four_ranks_router_weight_on_input():
+    run_ranks(_rank_main, 4, "unreduced", [3, 7, 0, 1], True, 1)

@@ -1,0 +1,264 @@
+"""The one module that patches vLLM, so ``--all2all-backend a2a_one_sided`` works.
+
+vLLM 0.32 has no registry for out-of-tree all2all backends (an upstream
+proposal exists); until a release has one, these wrappers extend the few vLLM
+functions that choose by backend name. Each wraps the original, never copies
+it, and says which vLLM function it extends.
+
+Patched (and why):
+  * ``vllm.config.parallel.ParallelConfig``: the ``all2all_backend`` field's
+    Literal gains our name; the pydantic validator is rebuilt and the CLI
+    kwargs cache cleared (design §6), so ``vllm serve --all2all-backend
+    a2a_one_sided`` parses and configs validate. ``use_sequence_parallel_moe``
+    treats us like the other EP all2all backends (TP>1 with DP>1 shards tokens).
+  * ``CudaCommunicator.__init__`` / ``CpuCommunicator.__init__``: build our
+    manager instead of failing with "Unknown all2all backend" (CUDA) or
+    silently falling back to all-gather/reduce-scatter (CPU).
+  * ``fused_moe.all2all_utils.maybe_make_prepare_finalize``: returns our
+    prepare/finalize for our backend; rebound in every module that imported it
+    by name.
+
+Left alone on purpose (decisions for the other name checks of design §6):
+  * ``config/vllm.py`` microbatching (DBO) list: our prepare/finalize is not
+    async, so vLLM's own "only deepep_low_latency" error is right.
+  * ``config/compilation.py`` disables CUDA graphs for DeepEP HT only: ours is
+    graph-safe, keep graphs on.
+  * ``v1/worker/ubatch_utils.py``: DeepEP-HT-only branch, not us.
+  * ``v1/engine/utils.py`` Ray "fill" pack strategy check (DeepEP needs EP
+    ranks on one node): our manager itself refuses EP groups that span nodes.
+  * ``lora/layers/fused_moe.py`` asserts allgather_reducescatter: LoRA MoE is
+    not supported with us, vLLM's assertion says so.
+  * ``fused_moe/runner/shared_experts.py`` EPLB-overlap safe list: we are not
+    in it, so vLLM runs shared experts without overlap (safe default).
+  * ``fused_moe/expert_map_manager.py`` round-robin placement: vLLM falls back
+    to linear placement for all2all backends, which is what our owner table
+    assumes (prepare also verifies it against the expert map).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.abc
+import importlib.util
+import inspect
+import logging
+import sys
+import threading
+from collections.abc import Callable
+from typing import Literal, get_args
+
+from vllm_a2a_plugin import BACKEND_NAME
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_VLLM_SERIES = ("0.32",)
+
+_lock = threading.Lock()
+_installed = False
+
+_CUDA_COMMUNICATOR = "vllm.distributed.device_communicators.cuda_communicator"
+_CPU_COMMUNICATOR = "vllm.distributed.device_communicators.cpu_communicator"
+_ALL2ALL_UTILS = "vllm.model_executor.layers.fused_moe.all2all_utils"
+_PARALLEL_CONFIG = "vllm.config.parallel"
+
+
+class UnsupportedVllmVersionError(RuntimeError):
+    pass
+
+
+def check_vllm_version(version: str | None = None) -> str:
+    """Raise one clear error unless the installed vLLM is a supported release."""
+    if version is None:
+        from importlib.metadata import PackageNotFoundError
+        from importlib.metadata import version as dist_version
+
+        try:
+            version = dist_version("vllm")
+        except PackageNotFoundError:
+            raise UnsupportedVllmVersionError(
+                "vllm-a2a-plugin's vLLM integration needs vLLM "
+                f"{' or '.join(s + '.x' for s in SUPPORTED_VLLM_SERIES)}; vLLM is not installed"
+            ) from None
+    series = ".".join(version.split("+")[0].split(".")[:2])
+    if series not in SUPPORTED_VLLM_SERIES:
+        raise UnsupportedVllmVersionError(
+            f"vllm-a2a-plugin supports vLLM {' or '.join(s + '.x' for s in SUPPORTED_VLLM_SERIES)}"
+            f" (tested with 0.32.0); found vLLM {version}. Install vllm==0.32.0, or keep "
+            "this plugin from loading with VLLM_PLUGINS=<the plugins you want>."
+        )
+    return version
+
+
+def install() -> None:
+    """Apply every patch now or when its module is imported (idempotent)."""
+    global _installed
+    with _lock:
+        if _installed:
+            return
+        check_vllm_version()
+        _when_imported(_PARALLEL_CONFIG, _patch_parallel_config)
+        _when_imported(_CUDA_COMMUNICATOR, _patch_communicator("CudaCommunicator"))
+        _when_imported(_CPU_COMMUNICATOR, _patch_communicator("CpuCommunicator"))
+        _when_imported(_ALL2ALL_UTILS, _patch_prepare_finalize_factory)
+        _installed = True
+
+
+# --------------------------------------------------------------- import hooks
+_pending: dict[str, list[Callable]] = {}
+
+
+class _PostImportFinder(importlib.abc.MetaPathFinder):
+    """Runs patches right after a watched module executes, before anyone can
+    ``from module import name`` the unpatched attribute."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname not in _pending:
+            return None
+        sys.meta_path.remove(self)
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            sys.meta_path.insert(0, self)
+        if spec is None or spec.loader is None:
+            return spec
+        loader = spec.loader
+        original_exec = loader.exec_module
+
+        def exec_module(module, _original=original_exec, _name=fullname):
+            _original(module)
+            for patch in _pending.pop(_name, []):
+                patch(module)
+
+        loader.exec_module = exec_module
+        return spec
+
+
+_finder = _PostImportFinder()
+
+
+def _when_imported(name: str, patch: Callable) -> None:
+    module = sys.modules.get(name)
+    if module is not None:
+        patch(module)
+        return
+    _pending.setdefault(name, []).append(patch)
+    if _finder not in sys.meta_path:
+        sys.meta_path.insert(0, _finder)
+
+
+# ------------------------------------------------------------ ParallelConfig
+def _patch_parallel_config(parallel_module) -> None:
+    """Extends vllm.config.parallel.ParallelConfig.all2all_backend's Literal."""
+    import pydantic.dataclasses
+
+    config_cls = parallel_module.ParallelConfig
+    field = config_cls.__dataclass_fields__["all2all_backend"]
+    names = get_args(field.type)
+    if BACKEND_NAME not in names:
+        extended = Literal[(*names, BACKEND_NAME)]  # type: ignore[valid-type]
+        field.type = extended
+        config_cls.__annotations__["all2all_backend"] = extended
+        parallel_module.All2AllBackend = extended
+        # The validator baked the old Literal in at import; rebuild it.
+        pydantic.dataclasses.rebuild_dataclass(config_cls, force=True)
+        _extend_engine_args(extended)
+
+    original = config_cls.use_sequence_parallel_moe
+    if not getattr(original.fget, "_a2a_wrapped", False):
+        # Wraps ParallelConfig.use_sequence_parallel_moe: like the built-in
+        # one-sided backend, EP with TP>1 and DP>1 shards tokens across TP ranks.
+        @functools.wraps(original.fget)
+        def use_sequence_parallel_moe(self):
+            if self.all2all_backend == BACKEND_NAME:
+                return (self.enable_expert_parallel and self.tensor_parallel_size > 1
+                        and self.data_parallel_size > 1)
+            return original.fget(self)
+
+        use_sequence_parallel_moe._a2a_wrapped = True
+        config_cls.use_sequence_parallel_moe = property(use_sequence_parallel_moe)
+
+
+def _extend_engine_args(extended) -> None:
+    """EngineArgs mirrors the field; its CLI kwargs are cached per class."""
+    arg_utils = sys.modules.get("vllm.engine.arg_utils")
+    if arg_utils is None:
+        return  # imported later, it reads the patched ParallelConfig then
+    engine_field = arg_utils.EngineArgs.__dataclass_fields__.get("all2all_backend")
+    if engine_field is not None:
+        engine_field.type = extended
+    arg_utils._compute_kwargs.cache_clear()
+
+
+# -------------------------------------------------------------- communicators
+def _patch_communicator(class_name: str):
+    def patch(module) -> None:
+        """Wraps <Cuda|Cpu>Communicator.__init__ to build our all2all manager."""
+        cls = getattr(module, class_name)
+        original = cls.__init__
+        if getattr(original, "_a2a_wrapped", False):
+            return
+        signature = inspect.signature(original)
+
+        @functools.wraps(original)
+        def __init__(self, *args, **kwargs):
+            bound = signature.bind(self, *args, **kwargs)
+            bound.apply_defaults()
+            wanted = bool(bound.arguments.get("use_all2all", False))
+            ours = _configured_backend() == BACKEND_NAME
+            if ours:
+                # Let vLLM build everything else; it must not pick a manager.
+                bound.arguments["use_all2all"] = False
+            original(*bound.args, **bound.kwargs)
+            if ours:
+                self.use_all2all = self.is_ep_communicator and wanted
+                if self.use_all2all:
+                    from vllm_a2a_plugin.vllm.manager import OneSidedAll2AllManager
+
+                    self.all2all_manager = OneSidedAll2AllManager(
+                        self.cpu_group, device=self.device)
+                    logger.info("Using %s all2all manager.", OneSidedAll2AllManager.__name__)
+
+        __init__._a2a_wrapped = True
+        cls.__init__ = __init__
+
+    return patch
+
+
+def _configured_backend() -> str | None:
+    from vllm.config import get_current_vllm_config_or_none
+
+    config = get_current_vllm_config_or_none()
+    return None if config is None else config.parallel_config.all2all_backend
+
+
+# ------------------------------------------------------------------- factory
+def _patch_prepare_finalize_factory(module) -> None:
+    """Wraps fused_moe.all2all_utils.maybe_make_prepare_finalize."""
+    original = module.maybe_make_prepare_finalize
+    if getattr(original, "_a2a_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def maybe_make_prepare_finalize(moe, quant_config, *args, **kwargs):
+        parallel = moe.moe_parallel_config
+        if parallel.all2all_backend == BACKEND_NAME and parallel.use_all2all_kernels:
+            from vllm_a2a_plugin.vllm.prepare_finalize import make_prepare_finalize
+
+            bound = inspect.signature(original).bind(moe, quant_config, *args, **kwargs)
+            bound.apply_defaults()
+            return make_prepare_finalize(
+                moe, quant_config,
+                all2all_manager=bound.arguments.get("all2all_manager"),
+                input_dtype=bound.arguments.get("input_dtype"),
+                use_monolithic=bool(bound.arguments.get("use_monolithic", False)),
+            )
+        return original(moe, quant_config, *args, **kwargs)
+
+    maybe_make_prepare_finalize._a2a_wrapped = True
+    module.maybe_make_prepare_finalize = maybe_make_prepare_finalize
+    # Modules that already did `from ...all2all_utils import maybe_make_prepare_finalize`.
+    for other in list(sys.modules.values()):
+        namespace = getattr(other, "__dict__", None)
+        if namespace is not None and namespace.get("maybe_make_prepare_finalize") is original:
+            other.maybe_make_prepare_finalize = maybe_make_prepare_finalize

@@ -1,0 +1,281 @@
+"""vLLM modular-kernel prepare/finalize over our one-sided all-to-all.
+
+Built from an already-built all-to-all (the manager's), standard activation
+format: ``prepare`` quantises (unless the experts take unquantised input),
+dispatches hidden states, scales, top-k ids and weights, and hands the experts
+``[ep_size * M, ...]`` receive views whose top-k ids are *global* ids with the
+padding id of seed 002 (never -1) wherever the slot has no work for this rank.
+``finalize`` honours the experts' ``weight_and_reduce_impl`` (unreduced
+``(M, topk, K)`` output is weighted and reduced straight into the workspace),
+then combines into ``output``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import vllm.model_executor.layers.fused_moe.modular_kernel as mk
+from vllm.model_executor.layers.fused_moe.config import FusedMoEConfig, FusedMoEQuantConfig
+from vllm.model_executor.layers.fused_moe.topk_weight_and_reduce import (
+    TopKWeightAndReduceContiguous,
+    TopKWeightAndReduceDelegate,
+    TopKWeightAndReduceNoOP,
+)
+from vllm.model_executor.layers.fused_moe.utils import moe_kernel_quantize_input
+
+from vllm_a2a_plugin.errors import A2AInputError
+from vllm_a2a_plugin.padding import linear_expert_owner, padding_expert_id
+from vllm_a2a_plugin.validation import is_capturing
+from vllm_a2a_plugin.workspace import AllToAllSpec
+
+logger = logging.getLogger(__name__)
+
+FP8_BLOCK = 128
+
+
+def dispatch_layout(hidden: int, quant_config: FusedMoEQuantConfig | None,
+                    in_dtype: torch.dtype, defer_input_quant: bool
+                    ) -> tuple[torch.dtype, int]:
+    """(dispatch dtype, float32 scales per token) for a layer.
+
+    bf16/fp16 activations travel as they are; fp8 1x128 block-quantised
+    activations (DeepSeek-style checkpoints) travel as fp8 plus ``H / 128``
+    scales; per-token fp8 as fp8 plus 1 scale. Anything else is refused here,
+    before a workspace is sized.
+    """
+    quant_dtype = None if quant_config is None or defer_input_quant else quant_config.quant_dtype
+    if quant_dtype is None:
+        if in_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise A2AInputError(f"a2a_one_sided: unsupported activation dtype {in_dtype}")
+        return in_dtype, 0
+    if quant_dtype == torch.float8_e4m3fn:
+        if quant_config.block_shape is not None:
+            if list(quant_config.block_shape)[-1] != FP8_BLOCK:
+                raise A2AInputError(
+                    f"a2a_one_sided: fp8 block shape {quant_config.block_shape} unsupported; "
+                    f"activations must use 1x{FP8_BLOCK} blocks")
+            if hidden % FP8_BLOCK:
+                raise A2AInputError(
+                    f"a2a_one_sided: hidden size {hidden} must be divisible by {FP8_BLOCK} "
+                    "for block-quantised fp8 dispatch")
+            return torch.float8_e4m3fn, hidden // FP8_BLOCK
+        if quant_config.per_act_token_quant:
+            return torch.float8_e4m3fn, 1
+        if quant_config.a1_scale is None:
+            raise A2AInputError(
+                "a2a_one_sided: dynamic per-tensor fp8 activation scales differ between ranks "
+                "and cannot travel with the tokens; use per-token or 1x128 block quantisation")
+        # Static per-tensor fp8: the same scale on every rank; it does not travel.
+        return torch.float8_e4m3fn, 0
+    raise A2AInputError(
+        f"a2a_one_sided dispatches bf16/fp16 or fp8 (per-token, per-tensor, 1x128 blocks) "
+        f"activations; got quant_dtype={quant_dtype!r}")
+
+
+class OneSidedPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
+    """Prepare/finalize of one MoE layer on one EP rank.
+
+    Args:
+        manager: the EP group's :class:`OneSidedAll2AllManager`; it hands out the
+            all-to-all (and workspace) for this layer's shape.
+        moe: vLLM's layer config (hidden size, experts, top-k, dtype).
+        quant_config: the layer's quantisation (decides the dispatch dtype).
+        max_tokens_per_rank: workspace capacity (scheduler max_num_batched_tokens).
+        input_dtype: set when the experts take unquantised activations.
+    """
+
+    def __init__(self, manager, moe: FusedMoEConfig, quant_config: FusedMoEQuantConfig | None,
+                 *, max_tokens_per_rank: int, input_dtype: torch.dtype | None = None):
+        super().__init__()
+        self.manager = manager
+        self.moe = moe
+        self.quant_config = quant_config
+        self.max_tokens_per_rank = max_tokens_per_rank
+        self.num_dispatchers_ = manager.world_size
+        self.num_experts = moe.num_experts
+        self._expert_map_checked: int | None = None
+        self._use_all_to_all(input_dtype)
+
+    def _use_all_to_all(self, input_dtype: torch.dtype | None) -> None:
+        moe = self.moe
+        defer = input_dtype is not None
+        dispatch_dtype, scale_cols = dispatch_layout(
+            moe.hidden_dim, self.quant_config, input_dtype or moe.in_dtype, defer)
+        combine_dtype = (moe.in_dtype if moe.in_dtype in (torch.bfloat16, torch.float16,
+                                                          torch.float32) else torch.bfloat16)
+        self.spec = AllToAllSpec(
+            ep_size=self.manager.world_size, max_tokens_per_rank=self.max_tokens_per_rank,
+            hidden_size=moe.hidden_dim, top_k=moe.experts_per_token, num_experts=moe.num_experts,
+            dispatch_dtype=dispatch_dtype, scale_cols=scale_cols, combine_dtype=combine_dtype)
+        owner = linear_expert_owner(moe.num_experts, self.manager.world_size)
+        self.all_to_all = self.manager.all_to_all(self.spec, expert_owner=owner)
+
+    def post_init_setup(self, fused_experts) -> None:
+        """Experts that quantise themselves get unquantised activations dispatched."""
+        if (fused_experts.expects_unquantized_inputs
+                and self.spec.dispatch_dtype == torch.float8_e4m3fn):
+            self._use_all_to_all(self.moe.in_dtype)
+
+    @property
+    def activation_format(self) -> mk.FusedMoEActivationFormat:
+        return mk.FusedMoEActivationFormat.Standard
+
+    def topk_indices_dtype(self) -> torch.dtype | None:
+        return torch.int32
+
+    def max_num_tokens_per_rank(self) -> int | None:
+        return None
+
+    def num_dispatchers(self) -> int:
+        return self.num_dispatchers_
+
+    def output_is_reduced(self) -> bool:
+        return True
+
+    def supports_async(self) -> bool:
+        return False
+
+    # ---------------------------------------------------------------- prepare
+    def _runtime_max_tokens(self, num_tokens: int) -> int:
+        """M of this step: the largest DP chunk (identical on every EP rank).
+
+        Without DP metadata (no forward context, PCP only) every rank falls
+        back to the workspace capacity, which is also identical everywhere.
+        """
+        from vllm.forward_context import get_forward_context, is_forward_context_available
+
+        if is_forward_context_available():
+            dp_metadata = get_forward_context().dp_metadata
+            if dp_metadata is not None and dp_metadata.local_sizes is not None:
+                runtime = max(dp_metadata.get_chunk_sizes_across_dp_rank())
+                if runtime > self.spec.max_tokens_per_rank:
+                    raise A2AInputError(
+                        f"a DP rank has {runtime} tokens in this MoE call but the a2a_one_sided "
+                        f"workspace holds {self.spec.max_tokens_per_rank} per rank "
+                        "(scheduler max_num_batched_tokens)")
+                return max(runtime, num_tokens)
+        return self.spec.max_tokens_per_rank
+
+    def _check_expert_map(self, expert_map: torch.Tensor | None) -> None:
+        """Once per map: our owner table must agree with vLLM's placement, and
+        the padding id must be the seed-002 one (an expert another rank owns)."""
+        if expert_map is None or is_capturing():
+            return
+        key = expert_map.data_ptr()
+        if self._expert_map_checked == key:
+            return
+        rank = self.all_to_all.rank
+        owner = linear_expert_owner(self.num_experts, self.manager.world_size)
+        local_by_map = expert_map.detach().cpu() != -1
+        local_by_owner = owner.detach().cpu().to(torch.int64) == rank
+        if not torch.equal(local_by_map, local_by_owner):
+            raise A2AInputError(
+                f"EP rank {rank}: vLLM's expert_map places experts "
+                f"{torch.nonzero(local_by_map).flatten().tolist()[:8]}... here, but a2a_one_sided "
+                "routes by linear placement; use --expert-placement-strategy linear")
+        pad = padding_expert_id(expert_map, self.num_experts)
+        if pad != self.all_to_all.padding_id:
+            raise A2AInputError(
+                f"padding id {self.all_to_all.padding_id} disagrees with the expert map's {pad}")
+        self._expert_map_checked = key
+
+    def prepare(self, a1: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                num_experts: int, expert_map: torch.Tensor | None,
+                apply_router_weight_on_input: bool, quant_config: FusedMoEQuantConfig,
+                defer_input_quant: bool = False) -> mk.PrepareResultType:
+        if num_experts != self.num_experts:
+            raise A2AInputError(f"num_experts {num_experts} != the layer's {self.num_experts}")
+        self._check_expert_map(expert_map)
+        if apply_router_weight_on_input:
+            if topk_ids.shape[1] != 1:
+                raise A2AInputError("apply_router_weight_on_input needs top_k == 1")
+            # Not in place: a1 is the caller's hidden states.
+            a1 = a1 * topk_weights.to(a1.dtype)
+        if defer_input_quant or quant_config.quant_dtype is None:
+            x, x_scale = a1, None
+        else:
+            x, x_scale = moe_kernel_quantize_input(
+                a1, quant_config.a1_scale, quant_config.quant_dtype,
+                quant_config.per_act_token_quant, quant_config.block_shape)
+        scales = None
+        if self.spec.scale_cols:
+            scales = x_scale.to(torch.float32).reshape(x.shape[0], self.spec.scale_cols)
+            scales = scales.contiguous()
+        ids = topk_ids if topk_ids.dtype == torch.int32 else topk_ids.to(torch.int32)
+        weights = topk_weights if topk_weights.dtype == torch.float32 else topk_weights.float()
+        m = self._runtime_max_tokens(x.shape[0])
+        result = self.all_to_all.dispatch(
+            x.contiguous(), ids.contiguous(), weights.contiguous(), x_scales=scales,
+            runtime_max_tokens=m)
+        recv_scale = result.recv_x_scales
+        if recv_scale is None and x_scale is not None:
+            recv_scale = x_scale  # per-tensor scale: the same on every rank
+        return result.recv_x, recv_scale, None, result.recv_topk_ids, result.recv_topk_weights
+
+    # --------------------------------------------------------------- finalize
+    def allocate_fused_expert_output(self, shape, dtype, device, weight_and_reduce_impl):
+        """Experts that reduce themselves write straight into the workspace."""
+        if not isinstance(weight_and_reduce_impl, TopKWeightAndReduceNoOP):
+            return None
+        target = self.all_to_all.combine_input()
+        if tuple(shape) == tuple(target.shape) and dtype == target.dtype and \
+                torch.device(device) == target.device:
+            return target
+        return None
+
+    def finalize(self, output: torch.Tensor, fused_expert_output: torch.Tensor,
+                 topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                 apply_router_weight_on_input: bool,
+                 weight_and_reduce_impl: mk.TopKWeightAndReduce) -> None:
+        y = self.all_to_all.combine_input()
+        if isinstance(weight_and_reduce_impl, TopKWeightAndReduceDelegate):
+            weight_and_reduce_impl = TopKWeightAndReduceContiguous()
+        if fused_expert_output.data_ptr() != y.data_ptr():
+            # Weights of padded slots are 0, so foreign experts contribute nothing.
+            if (isinstance(weight_and_reduce_impl, TopKWeightAndReduceContiguous)
+                    and y.device.type == "cpu"):
+                _weight_and_reduce_cpu(y, fused_expert_output, topk_weights,
+                                       apply_router_weight_on_input)
+            else:
+                weight_and_reduce_impl.apply(
+                    output=y, fused_expert_output=fused_expert_output,
+                    topk_weights=topk_weights, topk_ids=topk_ids,
+                    apply_router_weight_on_input=apply_router_weight_on_input)
+        if output.dtype == self.spec.combine_dtype and output.is_contiguous():
+            self.all_to_all.combine(out=output)
+        else:
+            output.copy_(self.all_to_all.combine())
+
+
+def _weight_and_reduce_cpu(y: torch.Tensor, fused: torch.Tensor, topk_weights: torch.Tensor,
+                           apply_router_weight_on_input: bool) -> None:
+    """TopKWeightAndReduceContiguous's math for CPU, where vLLM's moe_sum op
+    (a CUDA build's compiled op) is missing: ``y = sum_k w[:, k] * fused[:, k]``."""
+    fused = fused.view(y.shape[0], -1, y.shape[1]).float()
+    if not apply_router_weight_on_input:
+        fused = fused * topk_weights.view(y.shape[0], -1, 1).float()
+    torch.sum(fused, dim=1, out=y) if y.dtype == torch.float32 else y.copy_(fused.sum(dim=1))
+
+
+def make_prepare_finalize(moe: FusedMoEConfig, quant_config: FusedMoEQuantConfig | None, *,
+                          all2all_manager=None, input_dtype: torch.dtype | None = None,
+                          use_monolithic: bool = False) -> OneSidedPrepareAndFinalize:
+    """What vLLM's factory returns for ``--all2all-backend a2a_one_sided``."""
+    if use_monolithic:
+        raise A2AInputError(
+            "a2a_one_sided implements the modular prepare/finalize; the selected MoE "
+            "experts are monolithic. Pick another --moe-backend or all2all backend.")
+    if all2all_manager is None:
+        from vllm.model_executor.layers.fused_moe.all2all_utils import get_ep_all2all_manager
+
+        all2all_manager = get_ep_all2all_manager()
+    from vllm.config import get_current_vllm_config_or_none
+
+    config = get_current_vllm_config_or_none()
+    # Like vLLM's one-sided backend: one MoE call carries up to the scheduler's
+    # token budget per DP rank (0.32 has no DP chunking).
+    max_tokens = (config.scheduler_config.max_num_batched_tokens
+                  if config is not None else moe.max_num_tokens)
+    return OneSidedPrepareAndFinalize(all2all_manager, moe, quant_config,
+                                      max_tokens_per_rank=max_tokens, input_dtype=input_dtype)
