@@ -68,22 +68,28 @@ def plot_file(path: Path) -> list[Path]:
 
 
 def table(paths: list[Path]) -> str:
-    """Round trip at a few token counts: ours vs baselines, from the JSON files."""
-    lines = ["| machine | shape | dtype | routing | tokens/rank | impl | ep | op | median us | "
-             "GB/s | of limit |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    """Round-trip median microseconds, one row per (machine, shape, dtype, routing,
+    tokens), one column per implementation / rank count / mode."""
+    cells: dict[tuple, dict[str, float]] = defaultdict(dict)
+    columns: set[str] = set()
     for path in paths:
         doc = json.loads(path.read_text())
+        machine = f"{doc['gpu'].replace('NVIDIA ', '')} x{doc['world_size']}"
         for row in doc["rows"]:
-            if row["op"] != "round_trip" or row["mode"] != "eager":
+            if row["op"] != "round_trip":
                 continue
-            if row["tokens_per_rank"] not in (1, 128, 1024, 4096):
-                continue
-            lines.append(
-                f"| {doc['gpu']} x{doc['world_size']} | {row['shape']} | {row['dtype']} | "
-                f"{row['routing']} | {row['tokens_per_rank']} | {row['impl']} | {row['ep_size']} | "
-                f"{row['op']} | {row['median_us']} | {row['gbps']} | "
-                f"{100 * row['frac_of_limit']:.0f}% |")
-    return "\n".join(lines)
+            key = (machine, row["shape"], row["dtype"], row["routing"], row["tokens_per_rank"])
+            column = label(row)
+            cells[key][column] = row["median_us"]
+            columns.add(column)
+    ordered = sorted(columns, key=lambda c: (not c.startswith("a2a_one_sided"), c))
+    lines = ["| machine | shape | dtype | routing | tokens/rank | " + " | ".join(ordered) + " |",
+             "|" + "---|" * (5 + len(ordered))]
+    for key in sorted(cells):
+        values = [f"{cells[key][c]:.0f}" if c in cells[key] else "" for c in ordered]
+        lines.append("| " + " | ".join(map(str, key)) + " | " + " | ".join(values) + " |")
+    return ("Round trip, median microseconds (lower is better); `(graph)` = CUDA-graph "
+            "replay, others eager.\n\n" + "\n".join(lines))
 
 
 def update_readme(text: str) -> None:

@@ -1,0 +1,167 @@
+"""The plugin against the real vLLM 0.32 install (CPU): entry point, vLLM's own
+loader, CLI, configs, version guard. Each case runs in a fresh interpreter
+because plugins patch vLLM process-wide."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from importlib.metadata import entry_points
+
+import pytest
+
+pytest.importorskip("vllm")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_python(code: str, **env) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", **env}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_entry_point_is_declared():
+    (ours,) = [e for e in entry_points(group="vllm.general_plugins") if e.name == "a2a_one_sided"]
+    assert ours.value == "vllm_a2a_plugin:register"
+
+
+def test_vllm_loader_runs_our_plugin_and_config_validates():
+    proc = run_python("""
+        import pickle
+        import torch
+        from vllm.plugins import load_general_plugins
+        load_general_plugins()
+        from vllm.config import ParallelConfig, VllmConfig
+        pc = ParallelConfig(data_parallel_size=2, enable_expert_parallel=True,
+                            all2all_backend="a2a_one_sided")
+        vc = VllmConfig(parallel_config=pc)
+        assert vc.parallel_config.all2all_backend == "a2a_one_sided"
+        assert pickle.loads(pickle.dumps(vc)).parallel_config.all2all_backend == "a2a_one_sided"
+        assert pc.use_all2all
+        sp = ParallelConfig(data_parallel_size=2, tensor_parallel_size=2,
+                            enable_expert_parallel=True, all2all_backend="a2a_one_sided")
+        assert sp.use_sequence_parallel_moe
+        try:
+            ParallelConfig(all2all_backend="a2a_one_sidd")
+        except Exception as exc:
+            assert "a2a_one_sided" in str(exc), exc  # pydantic lists the allowed names
+        else:
+            raise AssertionError("misspelt backend accepted")
+        assert not torch.cuda.is_initialized()
+        print("OK")
+    """)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "OK" in proc.stdout
+
+
+def test_without_the_plugin_vllm_rejects_the_name():
+    """VLLM_PLUGINS excluding us: the name is unknown, so our patch is what adds it."""
+    proc = run_python("""
+        from vllm.plugins import load_general_plugins
+        load_general_plugins()
+        from vllm.config import ParallelConfig
+        try:
+            ParallelConfig(all2all_backend="a2a_one_sided")
+        except Exception:
+            print("REJECTED")
+    """, VLLM_PLUGINS="lora_filesystem_resolver")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "REJECTED" in proc.stdout
+
+
+def test_cli_accepts_flag_and_rejects_misspelling():
+    proc = run_python("""
+        from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+        parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
+        args = parser.parse_args(["--all2all-backend", "a2a_one_sided",
+                                  "--enable-expert-parallel"])
+        engine_args = EngineArgs.from_cli_args(args)
+        assert engine_args.all2all_backend == "a2a_one_sided"
+        try:
+            parser.parse_args(["--all2all-backend", "a2a_one_sidd"])
+        except SystemExit as exc:
+            print("EXIT", exc.code)
+    """)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "EXIT 2" in proc.stdout
+    assert "invalid choice: 'a2a_one_sidd'" in proc.stderr
+
+
+@pytest.mark.slow
+def test_vllm_serve_help_lists_backend():
+    proc = subprocess.run([os.path.join(os.path.dirname(sys.executable), "vllm"), "serve",
+                           "--help=all2all-backend"], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "VLLM_TARGET_DEVICE": "cpu"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "a2a_one_sided" in proc.stdout
+
+
+def test_llm_keyword_reaches_engine_args():
+    """LLM(..., all2all_backend=...) forwards its kwargs to EngineArgs."""
+    proc = run_python("""
+        import inspect
+        from vllm import LLM
+        from vllm.engine.arg_utils import EngineArgs
+        from vllm.plugins import load_general_plugins
+        load_general_plugins()
+        assert "kwargs" in inspect.signature(LLM.__init__).parameters
+        args = EngineArgs(model="unused", all2all_backend="a2a_one_sided",
+                          enable_expert_parallel=True, data_parallel_size=2)
+        from vllm.config import ParallelConfig
+        pc = ParallelConfig(all2all_backend=args.all2all_backend,
+                            enable_expert_parallel=args.enable_expert_parallel,
+                            data_parallel_size=args.data_parallel_size)
+        print("OK", pc.all2all_backend)
+    """)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "OK a2a_one_sided" in proc.stdout
+
+
+def test_register_is_idempotent_cheap_and_leaves_cuda_alone():
+    proc = run_python("""
+        import sys, time
+        import vllm_a2a_plugin
+        start = time.perf_counter()
+        vllm_a2a_plugin.register()
+        vllm_a2a_plugin.register()
+        elapsed = time.perf_counter() - start
+        heavy = [m for m in ("vllm.model_executor.layers.fused_moe.all2all_utils",
+                             "vllm.distributed.device_communicators.cuda_communicator")
+                 if m in sys.modules]
+        import torch
+        assert not torch.cuda.is_initialized()
+        print("OK", heavy, elapsed < 5.0)
+    """)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "OK [] True" in proc.stdout  # patches wait for their modules' import
+
+
+def test_patches_apply_when_modules_are_imported_before_register():
+    proc = run_python("""
+        import vllm.model_executor.layers.fused_moe.oracle.unquantized as unq
+        import vllm.model_executor.layers.fused_moe.all2all_utils as au
+        import vllm.distributed.device_communicators.cuda_communicator as cc
+        original = au.maybe_make_prepare_finalize
+        import vllm_a2a_plugin
+        vllm_a2a_plugin.register()
+        assert au.maybe_make_prepare_finalize is not original
+        assert unq.maybe_make_prepare_finalize is au.maybe_make_prepare_finalize
+        assert getattr(cc.CudaCommunicator.__init__, "_a2a_wrapped", False)
+        print("OK")
+    """)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "OK" in proc.stdout
+
+
+def test_unsupported_vllm_version_gets_one_clear_error():
+    from vllm_a2a_plugin.vllm.hooks import UnsupportedVllmVersionError, check_vllm_version
+
+    assert check_vllm_version("0.32.0") == "0.32.0"
+    assert check_vllm_version("0.32.1+cu130") == "0.32.1+cu130"
+    with pytest.raises(UnsupportedVllmVersionError,
+                       match=r"supports vLLM 0\.32\.x \(tested with 0\.32\.0\); found vLLM 0\.33\.0"):
+        check_vllm_version("0.33.0")
