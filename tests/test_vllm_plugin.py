@@ -165,3 +165,27 @@ def test_unsupported_vllm_version_gets_one_clear_error():
     with pytest.raises(UnsupportedVllmVersionError,
                        match=r"supports vLLM 0\.32\.x \(tested with 0\.32\.0\); found vLLM 0\.33\.0"):
         check_vllm_version("0.33.0")
+
+
+def test_engine_args_build_a_full_config_for_a_local_moe_model(tmp_path):
+    """EngineArgs -> VllmConfig with our flag, DP=2 EP, on a tiny MoE made here."""
+    from vllm_a2a_plugin.testing.tiny_moe import make_tiny_moe
+
+    model = make_tiny_moe(tmp_path / "tiny-moe")
+    proc = run_python(f"""
+        import pickle
+        from vllm.plugins import load_general_plugins
+        load_general_plugins()
+        from vllm.engine.arg_utils import EngineArgs
+        args = EngineArgs(model={str(model)!r}, all2all_backend="a2a_one_sided",
+                          enable_expert_parallel=True, data_parallel_size=2,
+                          enforce_eager=True, max_model_len=256)
+        cfg = args.create_engine_config()
+        assert cfg.model_config.is_moe
+        assert cfg.parallel_config.all2all_backend == "a2a_one_sided"
+        assert cfg.parallel_config.use_all2all
+        pickle.loads(pickle.dumps(cfg))
+        print("OK")
+    """)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "OK" in proc.stdout

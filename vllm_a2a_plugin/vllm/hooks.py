@@ -184,10 +184,16 @@ def _extend_engine_args(extended) -> None:
     arg_utils = sys.modules.get("vllm.engine.arg_utils")
     if arg_utils is None:
         return  # imported later, it reads the patched ParallelConfig then
-    engine_field = arg_utils.EngineArgs.__dataclass_fields__.get("all2all_backend")
-    if engine_field is not None:
-        engine_field.type = extended
-    arg_utils._compute_kwargs.cache_clear()
+    # arg_utils may be half-imported (it imports vllm.config, which brought us
+    # here): then nothing is cached yet and EngineArgs is defined after this.
+    engine_args = getattr(arg_utils, "EngineArgs", None)
+    if engine_args is not None:
+        engine_field = engine_args.__dataclass_fields__.get("all2all_backend")
+        if engine_field is not None:
+            engine_field.type = extended
+    compute_kwargs = getattr(arg_utils, "_compute_kwargs", None)
+    if compute_kwargs is not None:
+        compute_kwargs.cache_clear()
 
 
 # -------------------------------------------------------------- communicators

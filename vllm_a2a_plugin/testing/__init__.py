@@ -1,0 +1,1 @@
+"""Helpers for tests and engine runs that need no network (tiny local models)."""
