@@ -101,6 +101,40 @@ def peer_limit_gbps(group, device: torch.device, nbytes: int = 256 << 20) -> flo
     return nbytes / (us * 1e-6) / 1e9
 
 
+def eager_rows(dispatch, combine, *, iters: int, warmup: int, disp_bytes: int, comb_bytes: int,
+               sync_each: bool = False, before_each=None) -> list[tuple]:
+    """Times dispatch, combine and their sum with events around each call.
+
+    ``sync_each`` waits for the device after every iteration (baselines sync on
+    the host anyway; the distributed path barriers first via ``before_each``).
+    """
+    for _ in range(warmup):
+        if before_each:
+            before_each()
+        dispatch()
+        combine()
+    torch.cuda.synchronize()
+    events = []
+    for _ in range(iters):
+        e0, e1, e2 = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+        if before_each:
+            before_each()
+        e0.record()
+        dispatch()
+        e1.record()
+        combine()
+        e2.record()
+        if sync_each:
+            torch.cuda.synchronize()
+        events.append((e0, e1, e2))
+    torch.cuda.synchronize()
+    d_us = [a.elapsed_time(b) * 1e3 for a, b, _ in events]
+    c_us = [b.elapsed_time(c) * 1e3 for _, b, c in events]
+    r_us = [a.elapsed_time(c) * 1e3 for a, _, c in events]
+    return [("dispatch", "eager", d_us, disp_bytes), ("combine", "eager", c_us, comb_bytes),
+            ("round_trip", "eager", r_us, disp_bytes + comb_bytes)]
+
+
 def make_inputs(gen, shape, tokens, dtype, kind, ranks, device):
     """Random per-rank inputs, generated on the GPU (``gen`` is a CUDA generator)."""
     xs, scales, ids, weights = [], [], [], []
@@ -138,26 +172,9 @@ def ours_single_process(args, shape, dtype, tokens, kind, ep_size, gen, device):
     disp_bytes = crossing_bytes(ids, shape.num_experts, ep_size, payload_row)
     comb_bytes = crossing_bytes(ids, shape.num_experts, ep_size, spec.combine_row_bytes)
     if "eager" in args.modes:
-        d_us, c_us, r_us = [], [], []
-        for _ in range(args.warmup):
-            dispatch()
-            combine()
-        torch.cuda.synchronize()
-        events = [[torch.cuda.Event(enable_timing=True) for _ in range(3)] for _ in range(args.iters)]
-        for e0, e1, e2 in events:
-            e0.record()
-            dispatch()
-            e1.record()
-            combine()
-            e2.record()
-        torch.cuda.synchronize()
+        rows += eager_rows(dispatch, combine, iters=args.iters, warmup=args.warmup,
+                           disp_bytes=disp_bytes, comb_bytes=comb_bytes)
         ranks.synchronize()
-        for e0, e1, e2 in events:
-            d_us.append(e0.elapsed_time(e1) * 1e3)
-            c_us.append(e1.elapsed_time(e2) * 1e3)
-            r_us.append(e0.elapsed_time(e2) * 1e3)
-        rows += [("dispatch", "eager", d_us, disp_bytes), ("combine", "eager", c_us, comb_bytes),
-                 ("round_trip", "eager", r_us, disp_bytes + comb_bytes)]
     if "graph" in args.modes:
         dispatch()
         combine()
@@ -205,24 +222,8 @@ def baseline_rows(args, impl, shape, dtype, tokens, kind, group, gen, device):
     else:  # every rank's tokens go to every other rank, outputs come back reduced
         disp_bytes = world * (world - 1) * tokens * row_bytes
         comb_bytes = world * (world - 1) * tokens * shape.hidden * 2
-    d_us, c_us, r_us = [], [], []
-    for _ in range(args.warmup):
-        dispatch()
-        combine()
-    torch.cuda.synchronize()
-    for _ in range(args.iters):
-        e0, e1, e2 = (torch.cuda.Event(enable_timing=True) for _ in range(3))
-        e0.record()
-        dispatch()
-        e1.record()
-        combine()
-        e2.record()
-        torch.cuda.synchronize()
-        d_us.append(e0.elapsed_time(e1) * 1e3)
-        c_us.append(e1.elapsed_time(e2) * 1e3)
-        r_us.append(e0.elapsed_time(e2) * 1e3)
-    return [("dispatch", "eager", d_us, disp_bytes), ("combine", "eager", c_us, comb_bytes),
-            ("round_trip", "eager", r_us, disp_bytes + comb_bytes)]
+    return eager_rows(dispatch, combine, iters=args.iters, warmup=args.warmup,
+                      disp_bytes=disp_bytes, comb_bytes=comb_bytes, sync_each=True)
 
 
 def main(argv=None):
@@ -319,24 +320,10 @@ def ours_distributed(args, shape, dtype, tokens, kind, group, gen, device):
     def dispatch():
         a2a.dispatch(xs[me], ids[me], weights[me], x_scales=scales[me], runtime_max_tokens=tokens)
 
-    rows = []
-    d_us, c_us, r_us = [], [], []
-    for i in range(args.warmup + args.iters):
-        e0, e1, e2 = (torch.cuda.Event(enable_timing=True) for _ in range(3))
-        dist.barrier(group)
-        e0.record()
-        dispatch()
-        e1.record()
-        a2a.combine()
-        e2.record()
-        torch.cuda.synchronize()
-        if i >= args.warmup:
-            d_us.append(e0.elapsed_time(e1) * 1e3)
-            c_us.append(e1.elapsed_time(e2) * 1e3)
-            r_us.append(e0.elapsed_time(e2) * 1e3)
+    rows = eager_rows(dispatch, a2a.combine, iters=args.iters, warmup=args.warmup,
+                      disp_bytes=disp_bytes, comb_bytes=comb_bytes, sync_each=True,
+                      before_each=lambda: dist.barrier(group))
     a2a.check_errors()
-    rows += [("dispatch", "eager", d_us, disp_bytes), ("combine", "eager", c_us, comb_bytes),
-             ("round_trip", "eager", r_us, disp_bytes + comb_bytes)]
     ws.release()
     return rows
 

@@ -1,0 +1,156 @@
+"""The real vLLM engine with the plugin loaded through its entry point.
+
+Needs CUDA, our kernels and vLLM importable (on the GPU machines: the offline
+bundle of scripts/vllm_bundle.py on PYTHONPATH). One GPU: ``LLM(...)`` and
+``vllm serve`` (a real HTTP request on 127.0.0.1) with CUDA graphs on and off;
+with DP=1 the all-to-all itself is idle, so these prove the plugin loads and
+the flag is honoured end to end. Two GPUs: DP=2 expert parallel with
+``a2a_one_sided`` must give the same greedy tokens as
+``allgather_reducescatter``, including a step where one DP rank has no request.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import torch
+
+from tests.multiproc import free_port
+
+pytestmark = pytest.mark.engine
+
+PROMPTS = ["hello world the quick brown fox", "one two three four", "the expert model",
+           "red green blue"]
+
+
+def _skip_reason() -> str | None:
+    try:
+        import vllm  # noqa: F401
+    except Exception as exc:  # noqa: BLE001
+        return f"vLLM is not importable here ({type(exc).__name__}: {exc})"
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU"
+    from vllm_a2a_plugin import ops
+
+    if not ops.kernels_available():
+        return "our CUDA kernels are not built here"
+    return None
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    from vllm_a2a_plugin.testing.tiny_moe import TinyMoESpec, make_tiny_moe
+
+    return str(make_tiny_moe(tmp_path_factory.mktemp("tiny-moe"), TinyMoESpec(top_k=2)))
+
+
+def _engine_env() -> dict[str, str]:
+    # No flashinfer sampler JIT build (minutes on first use, design §9).
+    return {**os.environ, "VLLM_USE_FLASHINFER_SAMPLER": "0", "NCCL_NVLS_ENABLE": "0",
+            "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+
+
+@pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "cuda-graphs"])
+def test_llm_generates_with_the_plugin(tiny_model, enforce_eager):
+    code = f"""
+import json
+from vllm import LLM, SamplingParams
+llm = LLM(model={tiny_model!r}, enforce_eager={enforce_eager}, max_model_len=256,
+          gpu_memory_utilization=0.3, enable_expert_parallel=True,
+          all2all_backend="a2a_one_sided", attention_backend="TRITON_ATTN")
+outs = llm.generate({PROMPTS!r}, SamplingParams(temperature=0, max_tokens=8))
+print("TOKENS", json.dumps([list(o.outputs[0].token_ids) for o in outs]))
+import vllm_a2a_plugin.vllm.hooks as hooks
+print("PLUGIN", hooks._installed)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], env=_engine_env(), capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    tokens = json.loads(proc.stdout.split("TOKENS", 1)[1].splitlines()[0])
+    assert len(tokens) == len(PROMPTS) and all(len(t) == 8 for t in tokens)
+    assert "PLUGIN True" in proc.stdout
+
+
+def _serve(model: str, port: int, *extra: str) -> subprocess.Popen:
+    cmd = [os.path.join(os.path.dirname(sys.executable), "vllm"), "serve", model,
+           "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "256",
+           "--gpu-memory-utilization", "0.3", "--enable-expert-parallel",
+           "--attention-backend", "TRITON_ATTN", *extra]
+    return subprocess.Popen(cmd, env=_engine_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _wait_healthy(proc: subprocess.Popen, port: int, timeout_s: float = 600) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited early:\n{proc.stdout.read()[-4000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    raise AssertionError(f"server not healthy within {timeout_s} s")
+
+
+def _complete(port: int, model: str, prompt: str) -> list[int] | str:
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0,
+                       "logprobs": 1}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        assert r.status == 200
+        choice = json.loads(r.read())["choices"][0]
+        return choice["text"]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "cuda-graphs"])
+def test_vllm_serve_answers_http(tiny_model, graphs):
+    port = free_port()
+    extra = ["--all2all-backend", "a2a_one_sided"] + ([] if graphs else ["--enforce-eager"])
+    proc = _serve(tiny_model, port, *extra)
+    try:
+        _wait_healthy(proc, port)
+        text = _complete(port, tiny_model, PROMPTS[0])
+        assert isinstance(text, str) and text
+    finally:
+        _stop(proc)
+
+
+@pytest.mark.multigpu
+def test_dp2_expert_parallel_matches_allgather_reducescatter(tiny_model):
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs 2 GPUs, {torch.cuda.device_count()} visible")
+    results = {}
+    for backend in ("allgather_reducescatter", "a2a_one_sided"):
+        port = free_port()
+        proc = _serve(tiny_model, port, "--data-parallel-size", "2", "--all2all-backend", backend)
+        try:
+            _wait_healthy(proc, port)
+            # One request alone: the other DP rank has none in that step.
+            alone = _complete(port, tiny_model, PROMPTS[0])
+            together = [_complete(port, tiny_model, p) for p in PROMPTS]
+            results[backend] = [alone, *together]
+        finally:
+            _stop(proc)
+    assert results["a2a_one_sided"] == results["allgather_reducescatter"]
