@@ -51,7 +51,10 @@ NEVER_BUNDLE = {"torch", "torchvision", "torchaudio", "torchcodec", "triton", "n
 # libraries, hosted-API clients and tracing exporters vLLM imports lazily.
 SKIP = {"tokenspeed-triton", "tokenspeed-mla", "tilelang", "pynvvideocodec", "quack-kernels",
         "humming-kernels", "instanttensor", "fastsafetensors", "anthropic", "mcp", "mcp-types",
-        "supervisor", "model-hosting-container-standards", "nccl-extensions"}
+        "supervisor", "model-hosting-container-standards", "nccl-extensions",
+        # fastapi[standard]'s cloud CLI, which `vllm serve` never calls
+        "fastapi-cli", "fastapi-cloud-cli", "sentry-sdk", "agent-detector", "detect-installer",
+        "rignore", "fastar", "rich-toolkit"}
 TRIM_PATTERNS = [
     r"^vllm/vllm_flash_attn/_vllm_fa2_C\.abi3\.so$",
     r"^vllm/vllm-rs$",
@@ -68,39 +71,47 @@ def gpu_image_packages() -> set[str]:
     return {normalize(n) for n in lines}
 
 
-def requirement_name(req: str) -> str | None:
-    """Name of a Requires-Dist entry that applies (no extras) on Linux x86_64."""
-    if "extra ==" in req:
+def parse_requirement(req: str, active_extras: set[str]) -> tuple[str, set[str]] | None:
+    """(name, requested extras) of a Requires-Dist entry that applies on Linux
+    x86_64 given the extras requested of the package that declares it."""
+    body, _, marker = req.partition(";")
+    extra = re.search(r"extra\s*==\s*['\"]([^'\"]+)['\"]", marker)
+    if extra and normalize(extra.group(1)) not in active_extras:
         return None
-    marker = req.split(";", 1)[1] if ";" in req else ""
-    if "sys_platform == \"darwin\"" in marker or "platform_system == \"Darwin\"" in marker:
+    if re.search(r"sys_platform\s*==\s*['\"](darwin|win32)['\"]", marker):
         return None
     if "platform_machine" in marker and "x86_64" not in marker:
         return None
-    return normalize(re.split(r"[ <>=!~;\[(]", req.strip(), maxsplit=1)[0])
+    match = re.match(r"\s*([A-Za-z0-9_.\-]+)\s*(\[([^\]]*)\])?", body)
+    if match is None:
+        return None
+    extras = {normalize(e) for e in (match.group(3) or "").split(",") if e.strip()}
+    return normalize(match.group(1)), extras
 
 
 def missing_packages() -> dict[str, str]:
-    """vLLM's dependency closure (as installed here) minus the GPU image: name -> version."""
+    """vLLM's dependency closure (as installed here, extras followed) minus the
+    GPU image: name -> version."""
     present = gpu_image_packages() | NEVER_BUNDLE
-    todo, seen, missing = ["vllm"], set(), {}
+    todo: list[tuple[str, set[str]]] = [("vllm", set())]
+    seen: set[tuple[str, frozenset]] = set()
+    missing: dict[str, str] = {}
     while todo:
-        name = todo.pop()
-        if name in seen:
+        name, extras = todo.pop()
+        key = (name, frozenset(extras))
+        if key in seen or name in SKIP:
             continue
-        seen.add(name)
+        seen.add(key)
         try:
             dist = distribution(name)
         except PackageNotFoundError:
             continue
-        if name in SKIP:
-            continue
         if name != "vllm" and name not in present and not name.startswith("nvidia-"):
             missing[name] = dist.version
         for req in dist.requires or []:
-            dep = requirement_name(req)
-            if dep and dep not in seen:
-                todo.append(dep)
+            parsed = parse_requirement(req, extras)
+            if parsed is not None:
+                todo.append(parsed)
     return dict(sorted(missing.items()))
 
 
@@ -131,6 +142,12 @@ def build_site(wheels: Path, site: Path) -> dict[str, int]:
     for so in site.rglob("*.so"):
         so.chmod(0o755)
     return trimmed_bytes
+
+
+def summarize_trimmed(trimmed_bytes: dict[str, int]) -> dict:
+    largest = sorted(trimmed_bytes.items(), key=lambda kv: -kv[1])[:10]
+    return {"files": len(trimmed_bytes), "bytes": sum(trimmed_bytes.values()),
+            "largest": dict(largest)}
 
 
 def sha256(path: Path) -> str:
@@ -177,11 +194,12 @@ def cmd_build(args) -> None:
     manifest = {
         "vllm": VLLM_VERSION, "python": PYTHON_VERSION, "archive": "site.tar.xz",
         "archive_sha256": sha256(archive), "archive_bytes": archive.stat().st_size,
-        "parts": parts, "packages": pinned, "trimmed": trimmed_bytes,
+        "parts": parts, "packages": pinned, "trimmed": summarize_trimmed(trimmed_bytes),
         "stage": "python3 scripts/vllm_bundle.py stage --bundle .bundle --target /tmp/vllm_site",
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    print(json.dumps({k: v for k, v in manifest.items() if k not in ("trimmed",)}, indent=1))
+    shutil.copyfile(out / "manifest.json", HERE / "vllm_bundle_manifest.json")
+    print(json.dumps({k: v for k, v in manifest.items() if k != "packages"}, indent=1))
 
 
 def cmd_stage(args) -> None:
