@@ -1,0 +1,132 @@
+"""Issue 4 item 8: our kernels with vLLM's own GPU experts.
+
+P logical ranks on one GPU (split mode): our dispatch delivers global top-k ids
+with the seed-002 padding id, vLLM's ``TritonExperts`` run on every rank with
+that rank's ``expert_map`` and write their reduced output straight into the
+workspace (zero-copy, as our finalize arranges for self-reducing experts), our
+combine sums. The result must match vLLM's ``fused_experts`` on the undispatched
+tokens with all experts (no EP): bf16, and fp8 with 1x128 block scales
+quantised before dispatch (scales travel as a payload).
+
+Needs CUDA, our kernels and vLLM importable (the offline bundle on the GPU
+machines); skipped otherwise.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.data import random_token_counts
+
+pytestmark = pytest.mark.gpu
+
+E, K_TOP, HIDDEN, INTER = 16, 4, 1024, 512
+
+
+def _vllm_or_skip():
+    try:
+        import vllm.model_executor.layers.fused_moe.fused_moe  # noqa: F401
+        from vllm.model_executor.layers.fused_moe.experts.triton_moe import TritonExperts  # noqa
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"vLLM's fused MoE is not importable here ({type(exc).__name__}: {exc})")
+
+
+def _block_quantize(w: torch.Tensor, block: int = 128):
+    """[E, R, C] -> fp8 weights and float32 [E, R/128, C/128] scales."""
+    e, r, c = w.shape
+    tiles = w.float().view(e, r // block, block, c // block, block)
+    scale = tiles.abs().amax(dim=(2, 4)).clamp_min(1e-6) / 448.0
+    q = (tiles / scale[:, :, None, :, None]).to(torch.float8_e4m3fn).view(e, r, c)
+    return q, scale
+
+
+def _moe_config(p: int):
+    from vllm.config import ParallelConfig
+    from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+    from vllm.model_executor.layers.fused_moe.config import (FusedMoEConfig,
+                                                             FusedMoEParallelConfig,
+                                                             RoutingMethodType)
+
+    parallel = FusedMoEParallelConfig.make(1, 1, 1, 1, ParallelConfig())
+    return FusedMoEConfig(
+        num_experts=E, experts_per_token=K_TOP, hidden_dim=HIDDEN, intermediate_size=INTER,
+        num_local_experts=E // p, num_logical_experts=E, activation=MoEActivation.SILU,
+        device="cuda", routing_method=RoutingMethodType.Renormalize,
+        moe_parallel_config=parallel, in_dtype=torch.bfloat16, max_num_tokens=256)
+
+
+@pytest.mark.parametrize("p", [2, 4])
+@pytest.mark.parametrize("quant", ["bf16", "fp8_block"])
+def test_triton_experts_on_our_dispatch_match_fused_experts(p, quant):
+    _vllm_or_skip()
+    from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+    from vllm.model_executor.layers.fused_moe.config import (FUSED_MOE_UNQUANTIZED_CONFIG,
+                                                             fp8_w8a8_moe_quant_config)
+    from vllm.model_executor.layers.fused_moe.experts.triton_moe import TritonExperts
+    from vllm.model_executor.layers.fused_moe.fused_moe import fused_experts
+    from vllm.model_executor.layers.fused_moe.utils import moe_kernel_quantize_input
+
+    from vllm_a2a_plugin import A2AConfig, AllToAllSpec, LocalRanks
+    from vllm_a2a_plugin.padding import padding_expert_id
+
+    gen = torch.Generator(device="cuda").manual_seed(p * 10 + len(quant))
+    w1 = torch.randn((E, 2 * INTER, HIDDEN), generator=gen, device="cuda") / HIDDEN ** 0.5
+    w2 = torch.randn((E, HIDDEN, INTER), generator=gen, device="cuda") / INTER ** 0.5
+    fp8 = quant == "fp8_block"
+    if fp8:
+        w1, w1_scale = _block_quantize(w1)
+        w2, w2_scale = _block_quantize(w2)
+        quant_config = fp8_w8a8_moe_quant_config(w1_scale=w1_scale, w2_scale=w2_scale,
+                                                 block_shape=[128, 128])
+    else:
+        w1, w2 = w1.bfloat16(), w2.bfloat16()
+        quant_config = FUSED_MOE_UNQUANTIZED_CONFIG
+
+    counts = random_token_counts(torch.Generator().manual_seed(p), p, 96, zero_ranks=1)
+    xs = [torch.randn((n, HIDDEN), generator=gen, device="cuda").bfloat16() for n in counts]
+    scores = [torch.rand((n, E), generator=gen, device="cuda") for n in counts]
+    weights = [s.softmax(-1).topk(K_TOP, dim=-1).values.float().contiguous() for s in scores]
+    ids = [s.topk(K_TOP, dim=-1).indices.to(torch.int32).contiguous() for s in scores]
+
+    spec = AllToAllSpec(ep_size=p, max_tokens_per_rank=96, hidden_size=HIDDEN, top_k=K_TOP,
+                        num_experts=E,
+                        dispatch_dtype=torch.float8_e4m3fn if fp8 else torch.bfloat16,
+                        scale_cols=HIDDEN // 128 if fp8 else 0, combine_dtype=torch.bfloat16)
+    ranks = LocalRanks(spec, config=A2AConfig(timeout_s=10.0))
+    if fp8:
+        quantized = [moe_kernel_quantize_input(x, None, torch.float8_e4m3fn, False, [128, 128])
+                     for x in xs]
+        send_x = [q for q, _ in quantized]
+        send_scales = [s.float().contiguous() for _, s in quantized]
+    else:
+        send_x, send_scales = xs, None
+    recv = ranks.dispatch(send_x, ids, weights, x_scales=send_scales)
+
+    per_rank = E // p
+    experts = TritonExperts(_moe_config(p), quant_config)
+    for r, got in enumerate(recv):
+        expert_map = torch.full((E,), -1, dtype=torch.int32, device="cuda")
+        expert_map[r * per_rank:(r + 1) * per_rank] = torch.arange(per_rank, dtype=torch.int32,
+                                                                    device="cuda")
+        assert got.padding_id == padding_expert_id(expert_map, E) != -1
+        local = slice(r * per_rank, (r + 1) * per_rank)
+        m = got.recv_x.shape[0]
+        ws13, ws2, out_shape = experts.workspace_shapes(m, 2 * INTER, HIDDEN, K_TOP, E, per_rank,
+                                                       None, MoEActivation.SILU)
+        workspace13 = torch.empty(ws13, dtype=torch.bfloat16, device="cuda")
+        workspace2 = torch.empty(ws2, dtype=torch.bfloat16, device="cuda")
+        target = ranks.ranks[r].combine_input()
+        assert tuple(out_shape) == tuple(target.shape)
+        experts.apply(target, got.recv_x, w1[local], w2[local], got.recv_topk_weights,
+                      got.recv_topk_ids, MoEActivation.SILU, E, expert_map,
+                      got.recv_x_scales, None, workspace13, workspace2, None, False)
+    outs = ranks.combine()
+    ranks.synchronize()
+    for r in range(p):
+        if counts[r] == 0:
+            assert outs[r].shape == (0, HIDDEN)
+            continue
+        dense = fused_experts(xs[r], w1, w2, weights[r], ids[r], quant_config=quant_config)
+        rel = (outs[r].float() - dense.float()).norm() / dense.float().norm()
+        assert rel < (5e-2 if fp8 else 2e-2), f"rank {r}: relative error {rel:.3e}"
