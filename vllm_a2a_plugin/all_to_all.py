@@ -27,7 +27,8 @@ from vllm_a2a_plugin.errors import (
     A2ATimeoutError,
 )
 from vllm_a2a_plugin.padding import linear_expert_owner, padding_ids_for_ranks
-from vllm_a2a_plugin.validation import is_capturing, check_dispatch_inputs, check_expert_ids_in_range, check_tensor
+from vllm_a2a_plugin.validation import (check_dispatch_inputs, check_expert_ids_in_range,
+                                        check_tensor, is_capturing)
 from vllm_a2a_plugin.workspace import AllToAllSpec, Workspace
 
 PHASE_SEND = ops.PHASE_SEND

@@ -28,7 +28,7 @@ from vllm_a2a_plugin import ops
 from vllm_a2a_plugin.all_to_all import PHASE_BOTH, PHASE_SEND, DispatchResult, OneSidedAllToAll
 from vllm_a2a_plugin.config import A2AConfig
 from vllm_a2a_plugin.errors import A2AInputError
-from vllm_a2a_plugin.validation import is_capturing, check_expert_ids_in_range
+from vllm_a2a_plugin.validation import check_expert_ids_in_range, is_capturing
 from vllm_a2a_plugin.workspace import AllToAllSpec, Workspace
 
 MODES = ("split", "concurrent")
