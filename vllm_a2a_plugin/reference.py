@@ -19,7 +19,8 @@ import torch
 from vllm_a2a_plugin.all_to_all import DispatchResult
 from vllm_a2a_plugin.errors import A2AInputError, A2AStateError
 from vllm_a2a_plugin.padding import linear_expert_owner, padding_ids_for_ranks
-from vllm_a2a_plugin.validation import check_dispatch_inputs, check_expert_ids_in_range, check_tensor
+from vllm_a2a_plugin.validation import (check_dispatch_inputs, check_expert_ids_in_range,
+                                        check_tensor, row_bytes)
 from vllm_a2a_plugin.workspace import AllToAllSpec
 
 
@@ -28,13 +29,6 @@ class ReferenceDispatch(DispatchResult):
     """A :class:`DispatchResult` plus ``valid``: ``[P * M]`` bool, slot carries a token."""
 
     valid: torch.Tensor | None = None
-
-
-def _row_bytes(t: torch.Tensor) -> int:
-    n = t.element_size()
-    for s in t.shape[1:]:
-        n *= s
-    return n
 
 
 def dispatch_reference(
@@ -76,7 +70,7 @@ def dispatch_reference(
             recv_scales = torch.zeros((p, m, x_scales[0].shape[1]), dtype=torch.float32)
         recv_extra = []
         if extra_payloads is not None:
-            recv_extra = [torch.zeros((p, m, _row_bytes(e)), dtype=torch.uint8)
+            recv_extra = [torch.zeros((p, m, row_bytes(e)), dtype=torch.uint8)
                           for e in extra_payloads[0]]
         valid = torch.zeros((p, m), dtype=torch.bool)
         for s in range(p):
@@ -94,7 +88,7 @@ def dispatch_reference(
             if recv_scales is not None:
                 recv_scales[s, :n][sent] = x_scales[s].cpu()[sent]
             for i, e in enumerate(extra_payloads[s] if extra_payloads is not None else ()):
-                raw = e.cpu().contiguous().view(torch.uint8).reshape(n, _row_bytes(e))
+                raw = e.cpu().contiguous().view(torch.uint8).reshape(n, row_bytes(e))
                 recv_extra[i][s, :n][sent] = raw[sent]
         results.append(ReferenceDispatch(
             recv_x=recv_x.reshape(p * m, hidden),
@@ -213,9 +207,9 @@ class ReferenceAllToAll:
 
     def _all_gather_rows(self, t: torch.Tensor, m: int) -> list[torch.Tensor]:
         """All-gather ``[T, ...]`` tensors padded to ``[m, ...]`` as raw bytes."""
-        row_bytes = _row_bytes(t)
-        raw = t.detach().to("cpu").contiguous().view(torch.uint8).reshape(t.shape[0], row_bytes)
-        padded = torch.zeros((m, row_bytes), dtype=torch.uint8)
+        width = row_bytes(t)
+        raw = t.detach().to("cpu").contiguous().view(torch.uint8).reshape(t.shape[0], width)
+        padded = torch.zeros((m, width), dtype=torch.uint8)
         padded[: raw.shape[0]] = raw
         gathered = [torch.empty_like(padded) for _ in range(self.spec.ep_size)]
         self._dist.all_gather(gathered, padded, group=self.group)

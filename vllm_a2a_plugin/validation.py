@@ -17,6 +17,14 @@ def is_capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+def row_bytes(t: torch.Tensor) -> int:
+    """Bytes of one token (row 0 of dimension 0) of ``t``, also when ``t`` has no rows."""
+    n = t.element_size()
+    for size in t.shape[1:]:
+        n *= size
+    return n
+
+
 def check_tensor(t: torch.Tensor, name: str, *, dtype: torch.dtype | tuple[torch.dtype, ...],
                  shape: tuple[int | None, ...], device: torch.device | None) -> None:
     if not isinstance(t, torch.Tensor):
@@ -72,9 +80,7 @@ def check_dispatch_inputs(
             raise A2AInputError(
                 f"extra payload {i} has {payload.shape[0]} rows, expected {num_tokens}"
             )
-        got = payload.element_size()
-        for size in payload.shape[1:]:
-            got *= size
+        got = row_bytes(payload)
         if got != row:
             raise A2AInputError(f"extra payload {i} has {got} bytes per token, expected {row}")
         if device is not None and payload.device != device:
