@@ -70,3 +70,45 @@ class AllGatherReduceScatter:
         out = y.new_empty((self.max_tokens, y.shape[1]))
         dist.reduce_scatter_tensor(out, y, group=self.group)
         return out[: self._num_tokens]
+
+
+class FlashInferOneSided:
+    """flashinfer's ``MoeAlltoAll`` (TensorRT-LLM's one-sided NVLink kernels), set
+    up the way vLLM 0.32's ``flashinfer_nvlink_one_sided`` manager does it: one
+    MNNVL workspace per rank sized for hidden states (+ scales), top-k ids and
+    weights, combine in bf16. Needs flashinfer-python 0.7.0.post1 (the vLLM
+    bundle carries it); its kernels are JIT-built on first use."""
+
+    def __init__(self, group, *, max_tokens: int, top_k: int, num_experts: int, hidden: int,
+                 x_row_bytes: int, scale_row_bytes: int):
+        from flashinfer.comm.comm_backend import TorchDistBackend
+        from flashinfer.comm.mapping import Mapping
+        from flashinfer.comm.mnnvl import MnnvlConfig
+        from flashinfer.comm.trtllm_moe_alltoall import (MoeAlltoAll,
+                                                         moe_a2a_get_workspace_size_per_rank)
+
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        mapping = Mapping(world, rank, torch.cuda.device_count(), tp_size=world,
+                          moe_ep_size=world)
+        size = moe_a2a_get_workspace_size_per_rank(
+            ep_size=world, max_num_tokens=max_tokens,
+            total_dispatch_payload_size_per_token=x_row_bytes + scale_row_bytes + 8 * top_k,
+            combine_payload_size_per_token=hidden * 2)
+        self.num_experts = num_experts
+        self.ep_size = world
+        self.a2a = MoeAlltoAll(mapping=mapping, max_num_tokens=max_tokens, top_k=top_k,
+                               num_experts=num_experts, workspace_size_per_rank=size,
+                               mnnvl_config=MnnvlConfig(comm_backend=TorchDistBackend(group)))
+
+    def dispatch(self, x, topk_ids, topk_weights, scales, runtime_max_tokens: int):
+        payloads = [x] + ([scales] if scales is not None else []) + [topk_ids, topk_weights]
+        recv = self.a2a.dispatch(token_selected_experts=topk_ids, input_payloads=payloads,
+                                 runtime_max_tokens_per_rank=runtime_max_tokens,
+                                 invalid_token_expert_id=self.num_experts,
+                                 expert_id_payload_index=len(payloads) - 2)
+        self._m = runtime_max_tokens
+        return recv[0]
+
+    def combine(self, y: torch.Tensor):
+        return self.a2a.combine(payload=y.view(self.ep_size, self._m, y.shape[-1]),
+                                runtime_max_tokens_per_rank=self._m)

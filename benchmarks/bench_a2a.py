@@ -30,7 +30,8 @@ import torch.distributed as dist  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.baselines import AllGatherReduceScatter, NcclTwoSided  # noqa: E402
+from benchmarks.baselines import (AllGatherReduceScatter, FlashInferOneSided,  # noqa: E402
+                                  NcclTwoSided)
 from benchmarks.shapes import DEFAULT_TOKENS, SHAPES, crossing_bytes, routing  # noqa: E402
 from vllm_a2a_plugin import A2AConfig, AllToAllSpec, LocalRanks, OneSidedAllToAll, Workspace  # noqa: E402
 
@@ -46,8 +47,9 @@ def parse_args(argv=None):
     p.add_argument("--routing", default="uniform,skewed")
     p.add_argument("--ep-size", type=int, default=8,
                    help="logical ranks on one GPU (single-process mode)")
-    p.add_argument("--impls", default="a2a_one_sided,nccl_a2a,agrs",
-                   help="implementations to time")
+    p.add_argument("--impls", default="a2a_one_sided,nccl_a2a,agrs,flashinfer_one_sided",
+                   help="implementations to time (flashinfer_one_sided is skipped, with a "
+                        "message, when flashinfer cannot be imported)")
     p.add_argument("--modes", default="eager,graph", help="eager and/or graph (CUDA-graph replay)")
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--warmup", type=int, default=5)
@@ -226,6 +228,41 @@ def baseline_rows(args, impl, shape, dtype, tokens, kind, group, gen, device):
                       disp_bytes=disp_bytes, comb_bytes=comb_bytes, sync_each=True)
 
 
+_FLASHINFER_CHECKED: dict[str, bool] = {}
+
+
+def flashinfer_usable(rank: int) -> bool:
+    if "ok" not in _FLASHINFER_CHECKED:
+        try:
+            import flashinfer.comm.trtllm_moe_alltoall  # noqa: F401
+            _FLASHINFER_CHECKED["ok"] = True
+        except Exception as exc:  # noqa: BLE001
+            if rank == 0:
+                print(f"flashinfer_one_sided skipped: {type(exc).__name__}: {exc}")
+            _FLASHINFER_CHECKED["ok"] = False
+    return _FLASHINFER_CHECKED["ok"]
+
+
+def flashinfer_rows(args, shape, dtype, tokens, kind, group, gen, device):
+    """flashinfer's MoeAlltoAll on the same inputs; expert outputs are random."""
+    world, me = dist.get_world_size(group), dist.get_rank(group)
+    xs, scales, ids, weights = make_inputs(gen, shape, tokens, dtype, kind, world, device)
+    scale_row = 0 if scales[me] is None else scales[me].shape[1] * 4
+    a2a = FlashInferOneSided(group, max_tokens=tokens, top_k=shape.top_k,
+                             num_experts=shape.num_experts, hidden=shape.hidden,
+                             x_row_bytes=shape.hidden * dtype.itemsize, scale_row_bytes=scale_row)
+    y = torch.randn((world * tokens, shape.hidden), generator=gen, device=device).bfloat16()
+    row = shape.hidden * dtype.itemsize + scale_row
+    disp_bytes = crossing_bytes(ids, shape.num_experts, world, row)
+    comb_bytes = crossing_bytes(ids, shape.num_experts, world, shape.hidden * 2)
+    rows = eager_rows(lambda: a2a.dispatch(xs[me], ids[me], weights[me], scales[me], tokens),
+                      lambda: a2a.combine(y), iters=args.iters, warmup=args.warmup,
+                      disp_bytes=disp_bytes, comb_bytes=comb_bytes, sync_each=world > 1,
+                      before_each=(lambda: dist.barrier(group)) if world > 1 else None)
+    del a2a
+    return rows
+
+
 def main(argv=None):
     args = parse_args(argv)
     distributed = "WORLD_SIZE" in os.environ
@@ -268,6 +305,9 @@ def main(argv=None):
             else:
                 results += [("a2a_one_sided", world, *r) for r in
                             ours_distributed(args, shape, dtype, tokens, kind, group, gen, device)]
+        if "flashinfer_one_sided" in impls and flashinfer_usable(rank):
+            results += [("flashinfer_one_sided", world, *r) for r in
+                        flashinfer_rows(args, shape, dtype, tokens, kind, group, gen, device)]
         for impl in impls:
             if impl in ("nccl_a2a", "agrs"):
                 results += [(impl, world, *r) for r in
