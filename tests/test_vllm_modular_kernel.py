@@ -112,3 +112,45 @@ def test_modular_kernel_matches_dense_moe_two_ranks(experts_kind):
 @pytest.mark.slow
 def test_modular_kernel_four_ranks_router_weight_on_input():
     run_ranks(_rank_main, 4, "unreduced", [3, 7, 0, 1], True, 1)
+
+
+def _rank_manager(rank, world_size, port):
+    os.environ["VLLM_TARGET_DEVICE"] = "cpu"
+    from vllm.plugins import load_general_plugins
+
+    load_general_plugins()
+    from vllm.config import ParallelConfig, VllmConfig, set_current_vllm_config
+    from vllm.distributed import (get_ep_group, init_distributed_environment,
+                                  initialize_model_parallel)
+
+    from vllm_a2a_plugin import AllToAllSpec
+    from vllm_a2a_plugin.errors import A2AInputError
+
+    parallel = ParallelConfig(data_parallel_size=world_size, data_parallel_rank=rank,
+                              enable_expert_parallel=True, all2all_backend="a2a_one_sided",
+                              distributed_executor_backend="external_launcher")
+    with set_current_vllm_config(VllmConfig(parallel_config=parallel)):
+        init_distributed_environment(world_size, rank, f"tcp://127.0.0.1:{port}", 0, "gloo")
+        initialize_model_parallel(1, 1)
+        manager = get_ep_group().device_communicator.all2all_manager
+        spec = AllToAllSpec(ep_size=world_size, max_tokens_per_rank=16, hidden_size=64, top_k=2,
+                            num_experts=4)
+        first = manager.all_to_all(spec)
+        assert manager.all_to_all(spec) is first  # same shape: reused
+        smaller = AllToAllSpec(**{**spec.__dict__, "max_tokens_per_rank": 8})
+        assert manager.all_to_all(smaller) is first  # fits: reused
+        bigger = AllToAllSpec(**{**spec.__dict__, "max_tokens_per_rank": 32})
+        grown = manager.all_to_all(bigger)
+        assert grown is not first and grown.spec.max_tokens_per_rank == 32
+        other = AllToAllSpec(**{**spec.__dict__, "hidden_size": 128})
+        assert manager.all_to_all(other) is not grown  # another shape: its own
+        wrong = AllToAllSpec(**{**spec.__dict__, "ep_size": world_size + 1, "num_experts": 12})
+        with pytest.raises(A2AInputError, match=f"ep_size {world_size + 1} but this EP group "
+                                                f"has {world_size} ranks"):
+            manager.all_to_all(wrong)
+        manager.destroy()
+        assert manager.all_to_all(spec) is not first  # destroyed: created anew
+
+
+def test_manager_reuses_grows_and_rejects_workspaces():
+    run_ranks(_rank_manager, 2)
