@@ -154,7 +154,11 @@ class OneSidedPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
                         f"a DP rank has {runtime} tokens in this MoE call but the a2a_one_sided "
                         f"workspace holds {self.spec.max_tokens_per_rank} per rank "
                         "(scheduler max_num_batched_tokens)")
-                return max(runtime, num_tokens)
+                if num_tokens > runtime:
+                    raise A2AInputError(
+                        f"this rank has {num_tokens} tokens but vLLM's DP metadata says the "
+                        f"largest rank has {runtime}")
+                return runtime
         return self.spec.max_tokens_per_rank
 
     def _check_expert_map(self, expert_map: torch.Tensor | None) -> None:
