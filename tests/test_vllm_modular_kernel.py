@@ -154,3 +154,25 @@ def _rank_manager(rank, world_size, port):
 
 def test_manager_reuses_grows_and_rejects_workspaces():
     run_ranks(_rank_manager, 2)
+
+
+def _rank_dp_without_ep(rank, world_size, port):
+    os.environ["VLLM_TARGET_DEVICE"] = "cpu"
+    from vllm.plugins import load_general_plugins
+
+    load_general_plugins()
+    from vllm.config import ParallelConfig, VllmConfig, set_current_vllm_config
+    from vllm.distributed import init_distributed_environment, initialize_model_parallel
+
+    parallel = ParallelConfig(data_parallel_size=world_size, data_parallel_rank=rank,
+                              enable_expert_parallel=False, all2all_backend="a2a_one_sided",
+                              distributed_executor_backend="external_launcher")
+    with set_current_vllm_config(VllmConfig(parallel_config=parallel)):
+        init_distributed_environment(world_size, rank, f"tcp://127.0.0.1:{port}", 0, "gloo")
+        with pytest.raises(ValueError, match="a2a_one_sided is an expert-parallel backend: add "
+                                             "--enable-expert-parallel"):
+            initialize_model_parallel(1, 1)
+
+
+def test_data_parallel_without_expert_parallel_is_refused_clearly():
+    run_ranks(_rank_dp_without_ep, 2)

@@ -13,7 +13,8 @@ Patched (and why):
     treats us like the other EP all2all backends (TP>1 with DP>1 shards tokens).
   * ``CudaCommunicator.__init__`` / ``CpuCommunicator.__init__``: build our
     manager instead of failing with "Unknown all2all backend" (CUDA) or
-    silently falling back to all-gather/reduce-scatter (CPU).
+    silently falling back to all-gather/reduce-scatter (CPU); data parallelism
+    without ``--enable-expert-parallel`` is refused with a message saying so.
   * ``fused_moe.all2all_utils.maybe_make_prepare_finalize``: returns our
     prepare/finalize for our backend; rebound in every module that imported it
     by name.
@@ -218,6 +219,13 @@ def _patch_communicator(class_name: str):
             original(*bound.args, **bound.kwargs)
             if ours:
                 self.use_all2all = self.is_ep_communicator and wanted
+                if self.use_all2all and not _expert_parallel_enabled():
+                    # DP without EP would route MoE through the all-gather /
+                    # reduce-scatter path, whose manager this is not: say so.
+                    raise ValueError(
+                        f"--all2all-backend {BACKEND_NAME} is an expert-parallel backend: add "
+                        "--enable-expert-parallel, or use --all2all-backend "
+                        "allgather_reducescatter for data parallelism without it")
                 if self.use_all2all:
                     from vllm_a2a_plugin.vllm.manager import OneSidedAll2AllManager
 
@@ -229,6 +237,13 @@ def _patch_communicator(class_name: str):
         cls.__init__ = __init__
 
     return patch
+
+
+def _expert_parallel_enabled() -> bool:
+    from vllm.config import get_current_vllm_config_or_none
+
+    config = get_current_vllm_config_or_none()
+    return config is not None and bool(config.parallel_config.enable_expert_parallel)
 
 
 def _configured_backend() -> str | None:
