@@ -212,14 +212,15 @@ def _patch_communicator(class_name: str):
             bound = signature.bind(self, *args, **kwargs)
             bound.apply_defaults()
             wanted = bool(bound.arguments.get("use_all2all", False))
-            ours = _configured_backend() == BACKEND_NAME
+            parallel = _current_parallel_config()
+            ours = parallel is not None and parallel.all2all_backend == BACKEND_NAME
             if ours:
                 # Let vLLM build everything else; it must not pick a manager.
                 bound.arguments["use_all2all"] = False
             original(*bound.args, **bound.kwargs)
             if ours:
                 self.use_all2all = self.is_ep_communicator and wanted
-                if self.use_all2all and not _expert_parallel_enabled():
+                if self.use_all2all and not parallel.enable_expert_parallel:
                     # DP without EP would route MoE through the all-gather /
                     # reduce-scatter path, whose manager this is not: say so.
                     raise ValueError(
@@ -239,18 +240,12 @@ def _patch_communicator(class_name: str):
     return patch
 
 
-def _expert_parallel_enabled() -> bool:
+def _current_parallel_config():
+    """vLLM's ParallelConfig of the config being built, or None outside one."""
     from vllm.config import get_current_vllm_config_or_none
 
     config = get_current_vllm_config_or_none()
-    return config is not None and bool(config.parallel_config.enable_expert_parallel)
-
-
-def _configured_backend() -> str | None:
-    from vllm.config import get_current_vllm_config_or_none
-
-    config = get_current_vllm_config_or_none()
-    return None if config is None else config.parallel_config.all2all_backend
+    return None if config is None else config.parallel_config
 
 
 # ------------------------------------------------------------------- factory
@@ -259,6 +254,7 @@ def _patch_prepare_finalize_factory(module) -> None:
     original = module.maybe_make_prepare_finalize
     if getattr(original, "_a2a_wrapped", False):
         return
+    signature = inspect.signature(original)
 
     @functools.wraps(original)
     def maybe_make_prepare_finalize(moe, quant_config, *args, **kwargs):
@@ -266,7 +262,7 @@ def _patch_prepare_finalize_factory(module) -> None:
         if parallel.all2all_backend == BACKEND_NAME and parallel.use_all2all_kernels:
             from vllm_a2a_plugin.vllm.prepare_finalize import make_prepare_finalize
 
-            bound = inspect.signature(original).bind(moe, quant_config, *args, **kwargs)
+            bound = signature.bind(moe, quant_config, *args, **kwargs)
             bound.apply_defaults()
             return make_prepare_finalize(
                 moe, quant_config,

@@ -101,14 +101,6 @@ class OneSidedAll2AllManager(All2AllManagerBase):
         return OneSidedAllToAll(workspace, self.rank, expert_owner=expert_owner,
                                 config=self.config)
 
-    def workspace_bytes(self) -> int:
-        """Bytes of workspace this rank holds (0 for the reference path)."""
-        total = 0
-        for _, a2a in self._all_to_alls.values():
-            if isinstance(a2a, OneSidedAllToAll):
-                total += a2a.workspace.nbytes_per_rank()
-        return total
-
     def _release(self, key) -> None:
         _, a2a = self._all_to_alls.pop(key)
         if isinstance(a2a, OneSidedAllToAll):

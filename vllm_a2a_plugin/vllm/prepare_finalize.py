@@ -108,8 +108,8 @@ class OneSidedPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
             ep_size=self.manager.world_size, max_tokens_per_rank=self.max_tokens_per_rank,
             hidden_size=moe.hidden_dim, top_k=moe.experts_per_token, num_experts=moe.num_experts,
             dispatch_dtype=dispatch_dtype, scale_cols=scale_cols, combine_dtype=combine_dtype)
-        owner = linear_expert_owner(moe.num_experts, self.manager.world_size)
-        self.all_to_all = self.manager.all_to_all(self.spec, expert_owner=owner)
+        self.expert_owner = linear_expert_owner(moe.num_experts, self.manager.world_size)
+        self.all_to_all = self.manager.all_to_all(self.spec, expert_owner=self.expert_owner)
 
     def post_init_setup(self, fused_experts) -> None:
         """Experts that quantise themselves get unquantised activations dispatched."""
@@ -170,9 +170,8 @@ class OneSidedPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
         if self._expert_map_checked == key:
             return
         rank = self.all_to_all.rank
-        owner = linear_expert_owner(self.num_experts, self.manager.world_size)
         local_by_map = expert_map.detach().cpu() != -1
-        local_by_owner = owner.detach().cpu().to(torch.int64) == rank
+        local_by_owner = self.expert_owner.to(torch.int64) == rank
         if not torch.equal(local_by_map, local_by_owner):
             raise A2AInputError(
                 f"EP rank {rank}: vLLM's expert_map places experts "
@@ -259,7 +258,7 @@ def _weight_and_reduce_cpu(y: torch.Tensor, fused: torch.Tensor, topk_weights: t
     fused = fused.view(y.shape[0], -1, y.shape[1]).float()
     if not apply_router_weight_on_input:
         fused = fused * topk_weights.view(y.shape[0], -1, 1).float()
-    torch.sum(fused, dim=1, out=y) if y.dtype == torch.float32 else y.copy_(fused.sum(dim=1))
+    y.copy_(fused.sum(dim=1))
 
 
 def make_prepare_finalize(moe: FusedMoEConfig, quant_config: FusedMoEQuantConfig | None, *,
