@@ -96,7 +96,7 @@ void check_cuda_tensor(const at::Tensor& t, const char* name, const at::Device& 
 CommonParams make_common(const at::Tensor& workspace, c10::IntArrayRef peer_ptrs, int64_t rank,
                          const at::Tensor& topk_ids, const at::Tensor& expert_owner,
                          int64_t error_record_ptr, const WorkspaceSpec& spec,
-                         int64_t runtime_max_tokens, int64_t phases, int64_t num_blocks,
+                         int64_t runtime_max_tokens, int64_t phases, int64_t max_blocks,
                          int64_t threads_per_block, int64_t timeout_ns) {
   const at::Device device = workspace.device();
   TORCH_CHECK(workspace.is_cuda() && workspace.scalar_type() == at::kByte && workspace.dim() == 1,
@@ -143,7 +143,8 @@ CommonParams make_common(const at::Tensor& workspace, c10::IntArrayRef peer_ptrs
   p.error_record = reinterpret_cast<int32_t*>(error_record_ptr);
   p.timeout_ns = static_cast<uint64_t>(timeout_ns);
   p.phases = static_cast<int>(phases);
-  p.num_blocks = static_cast<int>(num_blocks);
+  TORCH_CHECK(max_blocks >= 1, "max_blocks (", max_blocks, ") must be >= 1");
+  p.max_blocks = static_cast<int>(max_blocks);
   p.threads_per_block = static_cast<int>(threads_per_block);
   return p;
 }
@@ -153,7 +154,7 @@ void dispatch(at::Tensor& workspace, c10::IntArrayRef peer_ptrs, int64_t rank,
               const std::optional<at::Tensor>& topk_weights, const at::Tensor& expert_owner,
               const at::Tensor& pad_ids, int64_t error_record_ptr, int64_t max_tokens_per_rank,
               int64_t runtime_max_tokens, int64_t combine_row_bytes, int64_t phases,
-              int64_t num_blocks, int64_t threads_per_block, int64_t timeout_ns) {
+              int64_t max_blocks, int64_t threads_per_block, int64_t timeout_ns) {
   const c10::cuda::CUDAGuard guard(workspace.device());
   std::vector<int64_t> row_bytes;
   for (const at::Tensor& payload : payloads) row_bytes.push_back(row_bytes_of(payload));
@@ -162,7 +163,7 @@ void dispatch(at::Tensor& workspace, c10::IntArrayRef peer_ptrs, int64_t rank,
                                        combine_row_bytes);
   DispatchParams dp{};
   dp.common = make_common(workspace, peer_ptrs, rank, topk_ids, expert_owner, error_record_ptr, spec,
-                          runtime_max_tokens, phases, num_blocks, threads_per_block, timeout_ns);
+                          runtime_max_tokens, phases, max_blocks, threads_per_block, timeout_ns);
   check_cuda_tensor(pad_ids, "pad_ids", workspace.device());
   TORCH_CHECK(pad_ids.scalar_type() == at::kInt && pad_ids.numel() == spec.ep_size,
               "pad_ids must be int32 [ep_size]");
@@ -188,7 +189,7 @@ void dispatch(at::Tensor& workspace, c10::IntArrayRef peer_ptrs, int64_t rank,
 void combine(at::Tensor& workspace, c10::IntArrayRef peer_ptrs, int64_t rank,
              const at::Tensor& topk_ids, const at::Tensor& expert_owner, at::Tensor& out,
              int64_t error_record_ptr, int64_t max_tokens_per_rank, int64_t runtime_max_tokens,
-             c10::IntArrayRef payload_row_bytes, int64_t phases, int64_t num_blocks,
+             c10::IntArrayRef payload_row_bytes, int64_t phases, int64_t max_blocks,
              int64_t threads_per_block, int64_t timeout_ns) {
   const c10::cuda::CUDAGuard guard(workspace.device());
   check_cuda_tensor(out, "out", workspace.device());
@@ -200,7 +201,7 @@ void combine(at::Tensor& workspace, c10::IntArrayRef peer_ptrs, int64_t rank,
                 topk_ids.dim() == 2 ? topk_ids.size(1) : 0, payload_row_bytes, combine_row_bytes);
   CombineParams cp{};
   cp.common = make_common(workspace, peer_ptrs, rank, topk_ids, expert_owner, error_record_ptr, spec,
-                          runtime_max_tokens, phases, num_blocks, threads_per_block, timeout_ns);
+                          runtime_max_tokens, phases, max_blocks, threads_per_block, timeout_ns);
   switch (out.scalar_type()) {
     case at::kFloat: cp.dtype = CombineDtype::kFloat32; break;
     case at::kHalf: cp.dtype = CombineDtype::kFloat16; break;
@@ -253,11 +254,11 @@ TORCH_LIBRARY(a2a_one_sided, m) {
   m.def("dispatch(Tensor(a!) workspace, int[] peer_ptrs, int rank, Tensor[] payloads, "
         "Tensor topk_ids, Tensor? topk_weights, Tensor expert_owner, Tensor pad_ids, "
         "int error_record_ptr, int max_tokens_per_rank, int runtime_max_tokens, "
-        "int combine_row_bytes, int phases, int num_blocks, int threads_per_block, "
+        "int combine_row_bytes, int phases, int max_blocks, int threads_per_block, "
         "int timeout_ns) -> ()");
   m.def("combine(Tensor(a!) workspace, int[] peer_ptrs, int rank, Tensor topk_ids, "
         "Tensor expert_owner, Tensor(b!) out, int error_record_ptr, int max_tokens_per_rank, "
-        "int runtime_max_tokens, int[] payload_row_bytes, int phases, int num_blocks, "
+        "int runtime_max_tokens, int[] payload_row_bytes, int phases, int max_blocks, "
         "int threads_per_block, int timeout_ns) -> ()");
 #ifdef A2A_WITH_CUDA
   m.def("combine_max_resident_blocks(int device, int threads_per_block) -> int",

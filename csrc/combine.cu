@@ -72,6 +72,10 @@ struct Pack<__half> {
   }
 };
 
+int64_t combine_dtype_bytes(CombineDtype dtype) {
+  return dtype == CombineDtype::kFloat32 ? 4 : 2;
+}
+
 __device__ void raise_combine_flags(const CommonParams& p, uint32_t epoch) {
   // The experts' writes to our combine region happened in earlier kernels of this
   // stream; the fence orders them before peers can see the flag.
@@ -96,6 +100,11 @@ __device__ bool wait_for_peers(const CommonParams& p, uint32_t epoch) {
   return timed_out == 0;
 }
 
+// One warp per (token, piece). Each pass a lane keeps kVecsPerLanePass vectors of
+// fp32 sums and walks the token's target ranks, loading that many vectors of each
+// at once; ranks are summed in ascending order, so the result does not depend on
+// the work split. (An earlier version held one vector of every target in
+// registers, uint4[16]: 141 registers for bf16, one block per SM.)
 template <typename T>
 __device__ void reduce_tokens(const CombineParams& cp) {
   const CommonParams& p = cp.common;
@@ -107,42 +116,48 @@ __device__ void reduce_tokens(const CombineParams& cp) {
   const int64_t row_bytes = int64_t(cp.hidden_size) * sizeof(T);
   const int64_t num_vecs = row_bytes / 16;
   constexpr int kElems = Pack<T>::kElems;
+  constexpr int kPass = kVecsPerLanePass;
+  const int64_t pieces = pieces_per_token(row_bytes, total_warps, p.num_local_tokens);
+  const int64_t units = int64_t(p.num_local_tokens) * pieces;
 
-  for (int t = global_warp; t < p.num_local_tokens; t += total_warps) {
+  for (int64_t unit = global_warp; unit < units; unit += total_warps) {
+    const int t = static_cast<int>(unit / pieces);
+    const VecSpan span = piece_span(num_vecs, pieces, unit % pieces);
     int owner = -1;
     if (lane < k) {
       const int expert = p.topk_ids[int64_t(t) * k + lane];
       if (expert >= 0 && expert < p.num_experts) owner = p.expert_owner[expert];
     }
-    uint64_t targets = warp_or_u64(owner >= 0 ? (1ull << owner) : 0ull);
-    const uint8_t* sources[kMaxTopK];
-    int num_sources = 0;
+    const uint64_t targets = warp_or_u64(owner >= 0 ? (1ull << owner) : 0ull);
     const int64_t slot_offset =
         p.layout.combine + (int64_t(p.rank) * p.runtime_max_tokens + t) * row_bytes;
-#pragma unroll
-    for (int i = 0; i < kMaxTopK; ++i) {
-      if (targets) {
-        const int rank = __ffsll(static_cast<long long>(targets)) - 1;
-        targets &= targets - 1;
-        sources[i] = workspace_of(p, rank) + slot_offset;
-        num_sources = i + 1;
-      }
-    }
     uint4* dst = reinterpret_cast<uint4*>(static_cast<uint8_t*>(cp.output) + int64_t(t) * row_bytes);
-    for (int64_t v = lane; v < num_vecs; v += 32) {
-      float acc[kElems];
+    for (int64_t base = span.begin + lane; base < span.end; base += 32 * kPass) {
+      float acc[kPass][kElems];
 #pragma unroll
-      for (int e = 0; e < kElems; ++e) acc[e] = 0.f;
-      uint4 loaded[kMaxTopK];
+      for (int u = 0; u < kPass; ++u) {
 #pragma unroll
-      for (int i = 0; i < kMaxTopK; ++i) {
-        if (i < num_sources) loaded[i] = reinterpret_cast<const uint4*>(sources[i])[v];
+        for (int e = 0; e < kElems; ++e) acc[u][e] = 0.f;
+      }
+      uint64_t remaining = targets;
+      while (remaining) {
+        const int rank = __ffsll(static_cast<long long>(remaining)) - 1;
+        remaining &= remaining - 1;
+        const uint4* src = reinterpret_cast<const uint4*>(workspace_of(p, rank) + slot_offset);
+        uint4 loaded[kPass];
+#pragma unroll
+        for (int u = 0; u < kPass; ++u) {
+          if (base + u * 32 < span.end) loaded[u] = src[base + u * 32];
+        }
+#pragma unroll
+        for (int u = 0; u < kPass; ++u) {
+          if (base + u * 32 < span.end) Pack<T>::add(loaded[u], acc[u]);
+        }
       }
 #pragma unroll
-      for (int i = 0; i < kMaxTopK; ++i) {
-        if (i < num_sources) Pack<T>::add(loaded[i], acc);
+      for (int u = 0; u < kPass; ++u) {
+        if (base + u * 32 < span.end) dst[base + u * 32] = Pack<T>::store(acc[u]);
       }
-      dst[v] = Pack<T>::store(acc);
     }
   }
 }
@@ -165,19 +180,25 @@ __global__ void combine_kernel(const __grid_constant__ CombineParams cp) {
 }  // namespace
 
 int launch_combine(const CombineParams& params, cudaStream_t stream) {
-  int blocks = params.common.num_blocks;
-  if ((params.common.phases & kPhaseWait) == 0) blocks = 1;  // signal-only: one block
-  if (blocks < 1) blocks = 1;
-  const int threads = params.common.threads_per_block;
+  const CommonParams& c = params.common;
+  const int threads = c.threads_per_block;
+  int64_t blocks = 1;  // signal-only launches, and ranks with no tokens, still take part
+  if (c.phases & kPhaseWait) {
+    const int64_t row_bytes = int64_t(params.hidden_size) * combine_dtype_bytes(params.dtype);
+    const int64_t warps = int64_t(c.num_local_tokens) * max_pieces_for_row(row_bytes);
+    blocks = (warps + threads / 32 - 1) / (threads / 32);
+    if (blocks > c.max_blocks) blocks = c.max_blocks;
+    if (blocks < 1) blocks = 1;
+  }
   switch (params.dtype) {
     case CombineDtype::kFloat32:
-      combine_kernel<float><<<blocks, threads, 0, stream>>>(params);
+      combine_kernel<float><<<static_cast<int>(blocks), threads, 0, stream>>>(params);
       break;
     case CombineDtype::kFloat16:
-      combine_kernel<__half><<<blocks, threads, 0, stream>>>(params);
+      combine_kernel<__half><<<static_cast<int>(blocks), threads, 0, stream>>>(params);
       break;
     case CombineDtype::kBFloat16:
-      combine_kernel<__nv_bfloat16><<<blocks, threads, 0, stream>>>(params);
+      combine_kernel<__nv_bfloat16><<<static_cast<int>(blocks), threads, 0, stream>>>(params);
       break;
   }
   return static_cast<int>(cudaGetLastError());

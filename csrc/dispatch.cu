@@ -18,21 +18,20 @@ namespace a2a {
 namespace {
 
 constexpr int kPhaseIdDispatch = 0;
-constexpr int kCopyUnroll = 4;
-
-// Copies one row to every rank in `targets`, 16 or 4 bytes per lane per access.
+// Copies vectors [span.begin, span.end) of one row to every rank in `targets`:
+// each lane loads kVecsPerLanePass vectors (all in flight at once), then stores
+// them to each target.
 template <typename Vec>
-__device__ __forceinline__ void copy_row_to_targets(const uint8_t* src, int64_t row_bytes,
-                                                    const CommonParams& p, uint64_t targets,
-                                                    int64_t dst_offset, int lane) {
-  const int64_t num_vecs = row_bytes / int64_t(sizeof(Vec));
+__device__ __forceinline__ void copy_span_to_targets(const uint8_t* src, VecSpan span,
+                                                     const CommonParams& p, uint64_t targets,
+                                                     int64_t dst_offset, int lane) {
   const Vec* src_vec = reinterpret_cast<const Vec*>(src);
-  for (int64_t base = 0; base < num_vecs; base += 32 * kCopyUnroll) {
-    Vec chunk[kCopyUnroll];
+  for (int64_t base = span.begin; base < span.end; base += 32 * kVecsPerLanePass) {
+    Vec chunk[kVecsPerLanePass];
 #pragma unroll
-    for (int u = 0; u < kCopyUnroll; ++u) {
+    for (int u = 0; u < kVecsPerLanePass; ++u) {
       const int64_t v = base + u * 32 + lane;
-      if (v < num_vecs) chunk[u] = src_vec[v];
+      if (v < span.end) chunk[u] = src_vec[v];
     }
     uint64_t remaining = targets;
     while (remaining) {
@@ -40,12 +39,21 @@ __device__ __forceinline__ void copy_row_to_targets(const uint8_t* src, int64_t 
       remaining &= remaining - 1;
       Vec* dst = reinterpret_cast<Vec*>(workspace_of(p, rank) + dst_offset);
 #pragma unroll
-      for (int u = 0; u < kCopyUnroll; ++u) {
+      for (int u = 0; u < kVecsPerLanePass; ++u) {
         const int64_t v = base + u * 32 + lane;
-        if (v < num_vecs) dst[v] = chunk[u];
+        if (v < span.end) dst[v] = chunk[u];
       }
     }
   }
+}
+
+// Largest payload row: it decides how many pieces a token is cut into.
+__device__ __forceinline__ int64_t largest_payload_row(const DispatchParams& dp) {
+  int64_t largest = 0;
+  for (int i = 0; i < dp.num_payloads; ++i) {
+    largest = dp.payload_row_bytes[i] > largest ? dp.payload_row_bytes[i] : largest;
+  }
+  return largest;
 }
 
 __device__ void send_tokens(const DispatchParams& dp) {
@@ -56,9 +64,16 @@ __device__ void send_tokens(const DispatchParams& dp) {
   const int total_warps = gridDim.x * warps_per_block;
   const int k = p.top_k;
   const int64_t sender_slot_base = int64_t(p.rank) * p.runtime_max_tokens;
+  // Real tokens are cut into pieces; empty slots (t >= T_r) only get a header,
+  // written by the warp of piece 0.
+  const int64_t pieces = pieces_per_token(largest_payload_row(dp), total_warps, p.num_local_tokens);
+  const int64_t units = int64_t(p.runtime_max_tokens) * pieces;
 
-  for (int t = global_warp; t < p.runtime_max_tokens; t += total_warps) {
+  for (int64_t unit = global_warp; unit < units; unit += total_warps) {
+    const int t = static_cast<int>(unit / pieces);
+    const int64_t piece = unit % pieces;
     const bool real = t < p.num_local_tokens;
+    if (!real && piece != 0) continue;
     int expert = -1;
     int owner = -1;
     float weight = 0.f;
@@ -67,7 +82,7 @@ __device__ void send_tokens(const DispatchParams& dp) {
       if (expert >= 0 && expert < p.num_experts) {
         owner = p.expert_owner[expert];
         weight = dp.topk_weights != nullptr ? dp.topk_weights[int64_t(t) * k + lane] : 0.f;
-      } else {
+      } else if (piece == 0) {
         // Python validates ids before launch when asked to; this keeps memory safe
         // (and says so) when it was not.
         report_error(p, kExpertIdOutOfRange, -1, kPhaseIdDispatch, 0, expert, t);
@@ -78,7 +93,7 @@ __device__ void send_tokens(const DispatchParams& dp) {
     // Routing header: lane j covers (rank j / k, slot j % k) for all ranks.
     const int64_t header_index = (sender_slot_base + t) * k;
     // Every lane takes part in the shuffles, so the loop bound is warp-uniform.
-    for (int j0 = 0; j0 < p.ep_size * k; j0 += 32) {
+    for (int j0 = 0; piece == 0 && j0 < p.ep_size * k; j0 += 32) {
       const int j = j0 + lane;
       const int slot = j % k;
       const int src_expert = __shfl_sync(0xffffffffu, expert, slot);
@@ -103,9 +118,11 @@ __device__ void send_tokens(const DispatchParams& dp) {
       const bool aligned16 = (row_bytes % 16 == 0) &&
                              (reinterpret_cast<uintptr_t>(dp.payloads[i]) % 16 == 0);
       if (aligned16) {
-        copy_row_to_targets<uint4>(src, row_bytes, p, targets, dst_offset, lane);
+        copy_span_to_targets<uint4>(src, piece_span(row_bytes / 16, pieces, piece), p, targets,
+                                    dst_offset, lane);
       } else {
-        copy_row_to_targets<uint32_t>(src, row_bytes, p, targets, dst_offset, lane);
+        copy_span_to_targets<uint32_t>(src, piece_span(row_bytes / 4, pieces, piece), p, targets,
+                                       dst_offset, lane);
       }
     }
   }
@@ -155,11 +172,22 @@ __global__ void dispatch_kernel(const __grid_constant__ DispatchParams dp) {
 }  // namespace
 
 int launch_dispatch(const DispatchParams& params, cudaStream_t stream) {
-  DispatchParams p = params;
-  int blocks = p.common.num_blocks;
-  if ((p.common.phases & kPhaseSend) == 0) blocks = 1;  // wait-only: one block
-  if (blocks < 1) blocks = 1;  // ranks with no tokens still signal (seed 000)
-  dispatch_kernel<<<blocks, p.common.threads_per_block, 0, stream>>>(p);
+  const CommonParams& c = params.common;
+  int64_t blocks = 1;  // wait-only launches, and ranks with no tokens, still signal (seed 000)
+  if (c.phases & kPhaseSend) {
+    int64_t largest = 0;
+    for (int i = 0; i < params.num_payloads; ++i) {
+      largest = params.payload_row_bytes[i] > largest ? params.payload_row_bytes[i] : largest;
+    }
+    // Enough warps for every empty slot's header and every piece of every real token.
+    const int64_t rows = int64_t(c.num_local_tokens) * max_pieces_for_row(largest);
+    const int64_t warps = rows > c.runtime_max_tokens ? rows : c.runtime_max_tokens;
+    const int64_t warps_per_block = c.threads_per_block / 32;
+    blocks = (warps + warps_per_block - 1) / warps_per_block;
+    if (blocks > c.max_blocks) blocks = c.max_blocks;
+    if (blocks < 1) blocks = 1;
+  }
+  dispatch_kernel<<<static_cast<int>(blocks), c.threads_per_block, 0, stream>>>(params);
   return static_cast<int>(cudaGetLastError());
 }
 

@@ -46,7 +46,7 @@ struct CommonParams {
   int32_t* error_record;        // device alias of host-mapped int32[kErrorRecordSize]
   uint64_t timeout_ns;
   int phases;
-  int num_blocks;
+  int max_blocks;           // grid cap; the launcher sizes the grid to the work below it
   int threads_per_block;
 };
 
@@ -58,6 +58,43 @@ struct DispatchParams {
   const void* payloads[kMaxPayloads];  // [T_r, payload_row_bytes[i]] rows, contiguous
   int64_t payload_row_bytes[kMaxPayloads];
 };
+
+// Work split: a token's row is cut into `pieces` contiguous spans, one warp per
+// (token, piece). One warp per token left each lane a chain of dependent 16-byte
+// loads (a 14 KB DeepSeek row: 28 in a row); at small token counts that chain,
+// not bandwidth, set the time. Pieces fill the grid instead, never shorter than
+// one unrolled pass of a warp (32 lanes x kVecsPerLanePass x 16 bytes).
+constexpr int kVecsPerLanePass = 4;
+
+A2A_HOST_DEVICE inline int64_t max_pieces_for_row(int64_t row_bytes) {
+  const int64_t vecs = (row_bytes + 15) / 16;
+  const int64_t per_pass = 32 * kVecsPerLanePass;
+  const int64_t pieces = (vecs + per_pass - 1) / per_pass;
+  return pieces < 1 ? 1 : pieces;
+}
+
+// Pieces per token when `total_warps` warps share `num_tokens` tokens: enough to
+// give every warp work, never more than the row has passes.
+A2A_HOST_DEVICE inline int64_t pieces_per_token(int64_t row_bytes, int64_t total_warps,
+                                                int64_t num_tokens) {
+  const int64_t most = max_pieces_for_row(row_bytes);
+  const int64_t fill = num_tokens > 0 ? total_warps / num_tokens : most;
+  return fill < 1 ? 1 : (fill > most ? most : fill);
+}
+
+// Half-open range of 16-byte (or 4-byte) vectors that `piece` of `pieces` covers in
+// a row of `num_vecs` vectors; spans are whole multiples of a warp's width.
+struct VecSpan {
+  int64_t begin;
+  int64_t end;
+};
+A2A_HOST_DEVICE inline VecSpan piece_span(int64_t num_vecs, int64_t pieces, int64_t piece) {
+  int64_t span = (num_vecs + pieces - 1) / pieces;
+  span = (span + 31) / 32 * 32;
+  const int64_t begin = piece * span;
+  const int64_t end = begin + span < num_vecs ? begin + span : num_vecs;
+  return {begin, end};
+}
 
 enum class CombineDtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 

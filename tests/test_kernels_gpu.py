@@ -165,6 +165,22 @@ def test_hidden_sizes_fp8_with_scales(hidden):
     run_round(ranks, gen, [48, 17])
 
 
+@pytest.mark.parametrize("threads,max_blocks", [(32, 1), (256, 1), (256, 3), (1024, 2),
+                                                (64, 0), (256, 0)])
+def test_rows_cut_into_pieces_under_any_grid(threads, max_blocks):
+    """The launchers cut each row into as many pieces as the grid allows (7 for a
+    7168-wide bf16 row): uneven splits, grids of one block, 4-byte payloads
+    (a 12-byte extra row) and 16-byte ones must all land exactly."""
+    gen = torch.Generator().manual_seed(threads * 7 + max_blocks)
+    spec = AllToAllSpec(ep_size=2, max_tokens_per_rank=40, hidden_size=7168, top_k=4,
+                        num_experts=16, extra_payload_row_bytes=(12, 224))
+    ranks = LocalRanks(spec, config=A2AConfig(threads_per_block=threads, max_blocks=max_blocks,
+                                              timeout_s=5.0))
+    poison_workspaces(ranks, gen)
+    for counts in ([1, 0], [3, 2], [40, 13], [0, 1]):
+        run_round(ranks, gen, counts, extra_rows=(12, 224))
+
+
 def test_all_ranks_zero_tokens_then_normal():
     gen = torch.Generator().manual_seed(7)
     spec = AllToAllSpec(ep_size=4, max_tokens_per_rank=16, hidden_size=256, top_k=2,

@@ -158,12 +158,10 @@ class OneSidedAllToAll:
             (self.spec.ep_size * self._runtime_max_tokens, self.spec.hidden_size))
 
     # --------------------------------------------------------------- launches
-    def _grid(self, work_items: int) -> int:
-        warps = self.config.warps_per_block
-        blocks = max(1, -(-work_items // warps))
-        if self.config.max_blocks:
-            return min(blocks, self.config.max_blocks)
-        return min(blocks, 2 * self._sm_count)
+    def _max_blocks(self) -> int:
+        """Grid cap for both kernels; the C++ launcher sizes each grid to its work
+        (tokens x row pieces) below it."""
+        return self.config.max_blocks or 2 * self._sm_count
 
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor,
                  topk_weights: torch.Tensor | None = None, *,
@@ -235,7 +233,7 @@ class OneSidedAllToAll:
             self._buffer, self.workspace.peer_ptrs, self.rank, payloads, topk_ids,
             topk_weights, self._expert_owner, self._pad_ids, self._error_record_ptr,
             self.spec.max_tokens_per_rank, m, self.spec.combine_row_bytes, phases,
-            self._grid(m), self.config.threads_per_block, self.config.timeout_ns)
+            self._max_blocks(), self.config.threads_per_block, self.config.timeout_ns)
 
     def combine(self, y: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
                 phases: int = PHASE_BOTH) -> torch.Tensor:
@@ -311,7 +309,7 @@ class OneSidedAllToAll:
             self._buffer, self.workspace.peer_ptrs, self.rank, self._topk_ids,
             self._expert_owner, self._combine_dst, self._error_record_ptr,
             self.spec.max_tokens_per_rank, self._runtime_max_tokens,
-            list(self.spec.payload_row_bytes), phases, self._grid(num_tokens),
+            list(self.spec.payload_row_bytes), phases, self._max_blocks(),
             self.config.threads_per_block, self.config.timeout_ns)
 
     def _finish_round(self) -> None:

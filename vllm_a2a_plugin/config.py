@@ -14,7 +14,8 @@ class A2AConfig:
 
     Attributes:
         threads_per_block: CUDA threads per block (a multiple of 32); one warp
-            moves one token.
+            moves one piece of a token's row (a row is cut into more pieces
+            when there are few tokens, so small batches still fill the GPU).
         max_blocks: upper bound on the grid of each launch; 0 means "as many as
             the work needs, up to 2 per SM". Several logical ranks sharing one
             GPU must bound it so every rank's combine grid is resident at once.
