@@ -137,6 +137,26 @@ def eager_rows(dispatch, combine, *, iters: int, warmup: int, disp_bytes: int, c
             ("round_trip", "eager", r_us, disp_bytes + comb_bytes)]
 
 
+def graph_round_trip(dispatch, combine, device, args, nbytes: int, *, before=None) -> tuple:
+    """One dispatch + combine captured in a CUDA graph, timed over its replays.
+
+    ``before`` runs once before timing (the distributed path barriers there)."""
+    dispatch()
+    combine()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        dispatch()
+        combine()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    if before:
+        before()
+    r_us = timed(graph.replay, iters=args.iters, warmup=args.warmup)
+    return ("round_trip", "graph", r_us, nbytes)
+
+
 def make_inputs(gen, shape, tokens, dtype, kind, ranks, device):
     """Random per-rank inputs, generated on the GPU (``gen`` is a CUDA generator)."""
     xs, scales, ids, weights = [], [], [], []
@@ -178,19 +198,8 @@ def ours_single_process(args, shape, dtype, tokens, kind, ep_size, gen, device):
                            disp_bytes=disp_bytes, comb_bytes=comb_bytes)
         ranks.synchronize()
     if "graph" in args.modes:
-        dispatch()
-        combine()
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
-            dispatch()
-            combine()
-        torch.cuda.current_stream(device).wait_stream(stream)
-        r_us = timed(graph.replay, iters=args.iters, warmup=args.warmup)
+        rows.append(graph_round_trip(dispatch, combine, device, args, disp_bytes + comb_bytes))
         ranks.synchronize()
-        rows.append(("round_trip", "graph", r_us, disp_bytes + comb_bytes))
     del ranks
     return rows
 
@@ -224,8 +233,12 @@ def baseline_rows(args, impl, shape, dtype, tokens, kind, group, gen, device):
     else:  # every rank's tokens go to every other rank, outputs come back reduced
         disp_bytes = world * (world - 1) * tokens * row_bytes
         comb_bytes = world * (world - 1) * tokens * shape.hidden * 2
-    return eager_rows(dispatch, combine, iters=args.iters, warmup=args.warmup,
+    rows = eager_rows(dispatch, combine, iters=args.iters, warmup=args.warmup,
                       disp_bytes=disp_bytes, comb_bytes=comb_bytes, sync_each=True)
+    if impl == "agrs" and "graph" in args.modes:  # nccl_a2a needs its split sizes on the host
+        rows.append(graph_round_trip(dispatch, combine, device, args, disp_bytes + comb_bytes,
+                                     before=lambda: dist.barrier(group)))
+    return rows
 
 
 _FLASHINFER_CHECKED: dict[str, bool] = {}
@@ -255,10 +268,18 @@ def flashinfer_rows(args, shape, dtype, tokens, kind, group, gen, device):
     row = shape.hidden * dtype.itemsize + scale_row
     disp_bytes = crossing_bytes(ids, shape.num_experts, world, row)
     comb_bytes = crossing_bytes(ids, shape.num_experts, world, shape.hidden * 2)
-    rows = eager_rows(lambda: a2a.dispatch(xs[me], ids[me], weights[me], scales[me], tokens),
-                      lambda: a2a.combine(y), iters=args.iters, warmup=args.warmup,
+    def dispatch():
+        a2a.dispatch(xs[me], ids[me], weights[me], scales[me], tokens)
+
+    def combine():
+        a2a.combine(y)
+
+    rows = eager_rows(dispatch, combine, iters=args.iters, warmup=args.warmup,
                       disp_bytes=disp_bytes, comb_bytes=comb_bytes, sync_each=world > 1,
                       before_each=(lambda: dist.barrier(group)) if world > 1 else None)
+    if "graph" in args.modes:  # its flags advance on the device, so replays stay in step
+        rows.append(graph_round_trip(dispatch, combine, device, args, disp_bytes + comb_bytes,
+                                     before=lambda: dist.barrier(group)))
     del a2a
     return rows
 
@@ -291,6 +312,8 @@ def main(argv=None):
     limit = peer_limit_gbps(group, device) if world > 1 else copy_limit_gbps(device)
     limit_kind = "peer_copy" if world > 1 else "device_copy"
     rows = []
+    doc = result_header(args, device, world, limit_kind, limit)
+    out = result_path(args, doc)
     for shape_name, dtype_name, kind, tokens in progress:
         shape, dtype = SHAPES[shape_name], DTYPES[dtype_name]
         gen = torch.Generator(device=device).manual_seed(tokens * 131 + len(rows))
@@ -320,27 +343,52 @@ def main(argv=None):
                              routing=kind, tokens_per_rank=tokens, ep_size=ep,
                              median_us=round(med, 2), p99_us=round(p99, 2), bytes=nbytes,
                              gbps=round(gbps, 2), frac_of_limit=round(gbps / limit, 4)))
+        add_speedups(rows[-len(results):] if results else [])
+        if rank == 0:  # after every point, so a run cut short still leaves its rows
+            out.write_text(json.dumps({**doc, "rows": rows}, indent=1))
     if rank == 0:
-        gpu = torch.cuda.get_device_name(device)
-        machine = gpu.replace("NVIDIA ", "").replace(" ", "_") + f"_x{world}"
-        out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / machine / f"{args.name}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        commit = os.environ.get("A2A_COMMIT", "")
-        try:
-            found = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                                   text=True).stdout.strip()
-            if len(found) == 40:  # a copied tree without .git answers something else
-                commit = found
-        except OSError:
-            pass
-        doc = dict(command=" ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
-                   commit=commit or os.environ.get("A2A_COMMIT", "unknown"), gpu=gpu,
-                   world_size=world, torch=torch.__version__, cuda=torch.version.cuda,
-                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                   limit_kind=limit_kind, limit_gbps=round(limit, 1), rows=rows)
-        out.write_text(json.dumps(doc, indent=1))
         print(f"wrote {out} ({len(rows)} rows); {limit_kind} limit {limit:.0f} GB/s")
     dist.destroy_process_group()
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """On each of our rows of one point: ``speedup_vs[impl]`` = that baseline's median
+    over ours, for the same op, mode and rank count (> 1: we are faster)."""
+    ours = [r for r in rows if r["impl"] == "a2a_one_sided"]
+    for row in ours:
+        row["speedup_vs"] = {
+            other["impl"]: round(other["median_us"] / row["median_us"], 3)
+            for other in rows
+            if other["impl"] != "a2a_one_sided" and row["median_us"] > 0
+            and (other["op"], other["mode"], other["ep_size"]) ==
+                (row["op"], row["mode"], row["ep_size"])}
+
+
+def result_header(args, device, world: int, limit_kind: str, limit: float) -> dict:
+    """Everything a result file says besides its rows: how to rerun it, and where."""
+    commit = os.environ.get("A2A_COMMIT", "")
+    try:
+        found = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                               text=True).stdout.strip()
+        if len(found) == 40:  # a copied tree without .git answers something else
+            commit = found
+    except OSError:
+        pass
+    return dict(command=" ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+                commit=commit or "unknown", gpu=torch.cuda.get_device_name(device),
+                world_size=world, torch=torch.__version__, cuda=torch.version.cuda,
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                limit_kind=limit_kind, limit_gbps=round(limit, 1))
+
+
+def result_path(args, doc: dict) -> Path:
+    if args.out:
+        out = Path(args.out)
+    else:
+        machine = doc["gpu"].replace("NVIDIA ", "").replace(" ", "_") + f"_x{doc['world_size']}"
+        out = ROOT / "benchmarks" / "results" / machine / f"{args.name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def ours_distributed(args, shape, dtype, tokens, kind, group, gen, device):
@@ -363,6 +411,9 @@ def ours_distributed(args, shape, dtype, tokens, kind, group, gen, device):
     rows = eager_rows(dispatch, a2a.combine, iters=args.iters, warmup=args.warmup,
                       disp_bytes=disp_bytes, comb_bytes=comb_bytes, sync_each=True,
                       before_each=lambda: dist.barrier(group))
+    if "graph" in args.modes:
+        rows.append(graph_round_trip(dispatch, a2a.combine, device, args,
+                                     disp_bytes + comb_bytes, before=lambda: dist.barrier(group)))
     a2a.check_errors()
     ws.release()
     return rows

@@ -67,29 +67,41 @@ def plot_file(path: Path) -> list[Path]:
     return written
 
 
-def table(paths: list[Path]) -> str:
-    """Round-trip median microseconds, one row per (machine, shape, dtype, routing,
-    tokens), one column per implementation / rank count / mode."""
+def table(paths: list[Path], tokens: tuple[int, ...] = (1, 128, 1024, 4096)) -> str:
+    """Round-trip median microseconds at a few batch sizes, one row per (machine,
+    shape, dtype, routing, tokens), one column per implementation / rank count /
+    mode, and our speed-up over each baseline at the same rank count and mode."""
     cells: dict[tuple, dict[str, float]] = defaultdict(dict)
     columns: set[str] = set()
     for path in paths:
         doc = json.loads(path.read_text())
         machine = f"{doc['gpu'].replace('NVIDIA ', '')} x{doc['world_size']}"
         for row in doc["rows"]:
-            if row["op"] != "round_trip":
+            if row["op"] != "round_trip" or row["tokens_per_rank"] not in tokens:
                 continue
             key = (machine, row["shape"], row["dtype"], row["routing"], row["tokens_per_rank"])
             column = label(row)
             cells[key][column] = row["median_us"]
             columns.add(column)
     ordered = sorted(columns, key=lambda c: (not c.startswith("a2a_one_sided"), c))
-    lines = ["| machine | shape | dtype | routing | tokens/rank | " + " | ".join(ordered) + " |",
-             "|" + "---|" * (5 + len(ordered))]
+    ours = [c for c in ordered if c.startswith("a2a_one_sided")]
+    pairs = [(o, b) for b in ordered if not b.startswith("a2a_one_sided") for o in ours
+             if o.split(" ", 1)[1] == b.split(" ", 1)[1]]
+    ratio_names = [f"{b.split(' ')[0]} / ours{' (graph)' if '(graph)' in b else ''}"
+                   for _, b in pairs]
+    lines = ["| machine | shape | dtype | routing | tokens/rank | "
+             + " | ".join(ordered + ratio_names) + " |",
+             "|" + "---|" * (5 + len(ordered) + len(pairs))]
     for key in sorted(cells):
-        values = [f"{cells[key][c]:.0f}" if c in cells[key] else "" for c in ordered]
+        row = cells[key]
+        values = [f"{row[c]:.0f}" if c in row else "" for c in ordered]
+        values += [f"{row[b] / row[o]:.2f}x" if o in row and b in row and row[o] else ""
+                   for o, b in pairs]
         lines.append("| " + " | ".join(map(str, key)) + " | " + " | ".join(values) + " |")
-    return ("Round trip, median microseconds (lower is better); `(graph)` = CUDA-graph "
-            "replay, others eager.\n\n" + "\n".join(lines))
+    return ("Round trip (dispatch + combine), median microseconds, lower is better; `(graph)` "
+            "= CUDA-graph replay, others eager; `X / ours` = X's time over ours at the same "
+            "rank count and mode (above 1x: ours is faster). Full data: the JSON files and "
+            "plots under `benchmarks/results/`.\n\n" + "\n".join(lines))
 
 
 def update_readme(text: str) -> None:
