@@ -1,15 +1,20 @@
 """Issue 4 item 8: our kernels with vLLM's own GPU experts.
 
 P logical ranks on one GPU (split mode): our dispatch delivers global top-k ids
-with the seed-002 padding id, vLLM's ``TritonExperts`` run on every rank with
-that rank's ``expert_map`` and write their reduced output straight into the
-workspace (zero-copy, as our finalize arranges for self-reducing experts), our
-combine sums. The result must match vLLM's ``fused_experts`` on the undispatched
-tokens with all experts (no EP): bf16, and fp8 with 1x128 block scales
-quantised before dispatch (scales travel as a payload).
+with the seed-002 padding id; on every rank one of vLLM's experts
+implementations runs with that rank's ``expert_map`` and its slice of the
+weights (and of their scales), writing its reduced output straight into the
+workspace (zero-copy, as our finalize arranges for self-reducing experts); our
+combine sums. The result must match vLLM's ``fused_experts`` on the
+undispatched tokens with all experts (no EP).
+
+Cases: ``TritonExperts`` with bf16, with fp8 1x128-block activations (128x128
+weight blocks) and with fp8 per-token activations (per-channel weights);
+``CutlassExpertsFp8`` with fp8 per-token activations. Activations are quantised
+before dispatch and their scales travel as a payload, as our prepare does.
 
 Needs CUDA, our kernels and vLLM importable (the offline bundle on the GPU
-machines); skipped otherwise.
+machines); skipped otherwise, each case with its reason.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ from tests.data import random_token_counts
 
 pytestmark = pytest.mark.gpu
 
-E, K_TOP, HIDDEN, INTER = 16, 4, 1024, 512
+E, K_TOP, HIDDEN, INTER, MAX_TOKENS = 16, 4, 1024, 512, 96
+CASES = [("triton", "bf16"), ("triton", "fp8_block"), ("triton", "fp8_token"),
+         ("cutlass", "fp8_token")]
 
 
 def _vllm_or_skip():
@@ -32,6 +39,18 @@ def _vllm_or_skip():
         pytest.skip(f"vLLM's fused MoE is not importable here ({type(exc).__name__}: {exc})")
 
 
+def _experts_class(name: str):
+    if name == "triton":
+        from vllm.model_executor.layers.fused_moe.experts.triton_moe import TritonExperts
+
+        return TritonExperts
+    from vllm.model_executor.layers.fused_moe.experts.cutlass_moe import CutlassExpertsFp8
+
+    if not CutlassExpertsFp8._supports_current_device():
+        pytest.skip("vLLM reports CUTLASS grouped GEMM unsupported on this device")
+    return CutlassExpertsFp8
+
+
 def _block_quantize(w: torch.Tensor, block: int = 128):
     """[E, R, C] -> fp8 weights and float32 [E, R/128, C/128] scales."""
     e, r, c = w.shape
@@ -39,6 +58,25 @@ def _block_quantize(w: torch.Tensor, block: int = 128):
     scale = tiles.abs().amax(dim=(2, 4)).clamp_min(1e-6) / 448.0
     q = (tiles / scale[:, :, None, :, None]).to(torch.float8_e4m3fn).view(e, r, c)
     return q, scale
+
+
+def _channel_quantize(w: torch.Tensor):
+    """[E, R, C] -> fp8 weights and float32 [E, R, 1] per-output-channel scales."""
+    scale = w.float().abs().amax(dim=2, keepdim=True).clamp_min(1e-6) / 448.0
+    return (w.float() / scale).to(torch.float8_e4m3fn), scale
+
+
+def _quant_config(quant: str, w1_scale, w2_scale):
+    from vllm.model_executor.layers.fused_moe.config import (FUSED_MOE_UNQUANTIZED_CONFIG,
+                                                             fp8_w8a8_moe_quant_config)
+
+    if quant == "bf16":
+        return FUSED_MOE_UNQUANTIZED_CONFIG
+    if quant == "fp8_block":
+        return fp8_w8a8_moe_quant_config(w1_scale=w1_scale, w2_scale=w2_scale,
+                                         block_shape=[128, 128])
+    return fp8_w8a8_moe_quant_config(w1_scale=w1_scale, w2_scale=w2_scale,
+                                     per_act_token_quant=True, per_out_ch_quant=True)
 
 
 def _moe_config(p: int):
@@ -53,64 +91,66 @@ def _moe_config(p: int):
         num_experts=E, experts_per_token=K_TOP, hidden_dim=HIDDEN, intermediate_size=INTER,
         num_local_experts=E // p, num_logical_experts=E, activation=MoEActivation.SILU,
         device="cuda", routing_method=RoutingMethodType.Renormalize,
-        moe_parallel_config=parallel, in_dtype=torch.bfloat16, max_num_tokens=256)
+        moe_parallel_config=parallel, in_dtype=torch.bfloat16, max_num_tokens=MAX_TOKENS)
 
 
 @pytest.mark.parametrize("p", [2, 4])
-@pytest.mark.parametrize("quant", ["bf16", "fp8_block"])
-def test_triton_experts_on_our_dispatch_match_fused_experts(p, quant):
+@pytest.mark.parametrize("experts_name,quant", CASES, ids=[f"{e}-{q}" for e, q in CASES])
+def test_vllm_experts_on_our_dispatch_match_fused_experts(p, experts_name, quant):
     _vllm_or_skip()
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
-    from vllm.model_executor.layers.fused_moe.config import (FUSED_MOE_UNQUANTIZED_CONFIG,
-                                                             fp8_w8a8_moe_quant_config)
-    from vllm.model_executor.layers.fused_moe.experts.triton_moe import TritonExperts
     from vllm.model_executor.layers.fused_moe.fused_moe import fused_experts
     from vllm.model_executor.layers.fused_moe.utils import moe_kernel_quantize_input
 
     from vllm_a2a_plugin import A2AConfig, AllToAllSpec, LocalRanks
     from vllm_a2a_plugin.padding import padding_expert_id
 
+    experts_cls = _experts_class(experts_name)
     gen = torch.Generator(device="cuda").manual_seed(p * 10 + len(quant))
     w1 = torch.randn((E, 2 * INTER, HIDDEN), generator=gen, device="cuda") / HIDDEN ** 0.5
     w2 = torch.randn((E, HIDDEN, INTER), generator=gen, device="cuda") / INTER ** 0.5
-    fp8 = quant == "fp8_block"
-    if fp8:
-        w1, w1_scale = _block_quantize(w1)
-        w2, w2_scale = _block_quantize(w2)
-        quant_config = fp8_w8a8_moe_quant_config(w1_scale=w1_scale, w2_scale=w2_scale,
-                                                 block_shape=[128, 128])
+    fp8 = quant != "bf16"
+    w1_scale = w2_scale = None
+    if quant == "fp8_block":
+        (w1, w1_scale), (w2, w2_scale) = _block_quantize(w1), _block_quantize(w2)
+    elif quant == "fp8_token":
+        (w1, w1_scale), (w2, w2_scale) = _channel_quantize(w1), _channel_quantize(w2)
     else:
         w1, w2 = w1.bfloat16(), w2.bfloat16()
-        quant_config = FUSED_MOE_UNQUANTIZED_CONFIG
+    per_token = quant == "fp8_token"
+    block_shape = [128, 128] if quant == "fp8_block" else None
 
-    counts = random_token_counts(torch.Generator().manual_seed(p), p, 96, zero_ranks=1)
+    counts = random_token_counts(torch.Generator().manual_seed(p), p, MAX_TOKENS, zero_ranks=1)
     xs = [torch.randn((n, HIDDEN), generator=gen, device="cuda").bfloat16() for n in counts]
     scores = [torch.rand((n, E), generator=gen, device="cuda") for n in counts]
     weights = [s.softmax(-1).topk(K_TOP, dim=-1).values.float().contiguous() for s in scores]
     ids = [s.topk(K_TOP, dim=-1).indices.to(torch.int32).contiguous() for s in scores]
 
-    spec = AllToAllSpec(ep_size=p, max_tokens_per_rank=96, hidden_size=HIDDEN, top_k=K_TOP,
-                        num_experts=E,
+    scale_cols = 0 if not fp8 else (1 if per_token else HIDDEN // 128)
+    spec = AllToAllSpec(ep_size=p, max_tokens_per_rank=MAX_TOKENS, hidden_size=HIDDEN,
+                        top_k=K_TOP, num_experts=E,
                         dispatch_dtype=torch.float8_e4m3fn if fp8 else torch.bfloat16,
-                        scale_cols=HIDDEN // 128 if fp8 else 0, combine_dtype=torch.bfloat16)
+                        scale_cols=scale_cols, combine_dtype=torch.bfloat16)
     ranks = LocalRanks(spec, config=A2AConfig(timeout_s=10.0))
     if fp8:
-        quantized = [moe_kernel_quantize_input(x, None, torch.float8_e4m3fn, False, [128, 128])
-                     for x in xs]
+        quantized = [moe_kernel_quantize_input(x, None, torch.float8_e4m3fn, per_token,
+                                               block_shape) for x in xs]
         send_x = [q for q, _ in quantized]
-        send_scales = [s.float().contiguous() for _, s in quantized]
+        send_scales = [s.float().reshape(s.shape[0], scale_cols).contiguous() for _, s in quantized]
     else:
         send_x, send_scales = xs, None
     recv = ranks.dispatch(send_x, ids, weights, x_scales=send_scales)
 
     per_rank = E // p
-    experts = TritonExperts(_moe_config(p), quant_config)
     for r, got in enumerate(recv):
-        expert_map = torch.full((E,), -1, dtype=torch.int32, device="cuda")
-        expert_map[r * per_rank:(r + 1) * per_rank] = torch.arange(per_rank, dtype=torch.int32,
-                                                                    device="cuda")
-        assert got.padding_id == padding_expert_id(expert_map, E) != -1
         local = slice(r * per_rank, (r + 1) * per_rank)
+        expert_map = torch.full((E,), -1, dtype=torch.int32, device="cuda")
+        expert_map[local] = torch.arange(per_rank, dtype=torch.int32, device="cuda")
+        assert got.padding_id == padding_expert_id(expert_map, E) != -1
+        # Each rank holds its experts' weights and their scales, as a vLLM EP rank does.
+        experts = experts_cls(_moe_config(p), _quant_config(
+            quant, None if w1_scale is None else w1_scale[local],
+            None if w2_scale is None else w2_scale[local]))
         m = got.recv_x.shape[0]
         ws13, ws2, out_shape = experts.workspace_shapes(m, 2 * INTER, HIDDEN, K_TOP, E, per_rank,
                                                        None, MoEActivation.SILU)
@@ -118,15 +158,19 @@ def test_triton_experts_on_our_dispatch_match_fused_experts(p, quant):
         workspace2 = torch.empty(ws2, dtype=torch.bfloat16, device="cuda")
         target = ranks.ranks[r].combine_input()
         assert tuple(out_shape) == tuple(target.shape)
+        a1q_scale = got.recv_x_scales
+        if a1q_scale is not None and per_token:
+            a1q_scale = a1q_scale.view(m, 1)
         experts.apply(target, got.recv_x, w1[local], w2[local], got.recv_topk_weights,
                       got.recv_topk_ids, MoEActivation.SILU, E, expert_map,
-                      got.recv_x_scales, None, workspace13, workspace2, None, False)
+                      a1q_scale, None, workspace13, workspace2, None, False)
     outs = ranks.combine()
     ranks.synchronize()
+    full_config = _quant_config(quant, w1_scale, w2_scale)
     for r in range(p):
         if counts[r] == 0:
             assert outs[r].shape == (0, HIDDEN)
             continue
-        dense = fused_experts(xs[r], w1, w2, weights[r], ids[r], quant_config=quant_config)
+        dense = fused_experts(xs[r], w1, w2, weights[r], ids[r], quant_config=full_config)
         rel = (outs[r].float() - dense.float()).norm() / dense.float().norm()
         assert rel < (5e-2 if fp8 else 2e-2), f"rank {r}: relative error {rel:.3e}"
