@@ -231,6 +231,13 @@ int64_t combine_max_resident_blocks_op(int64_t device, int64_t threads_per_block
   return combine_max_resident_blocks(static_cast<int>(device), static_cast<int>(threads_per_block));
 }
 
+int64_t max_threads_per_block_op(int64_t device) {
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  const int dispatch_most = dispatch_max_threads_per_block();
+  const int combine_most = combine_max_threads_per_block();
+  return dispatch_most < combine_most ? dispatch_most : combine_most;
+}
+
 #endif  // A2A_WITH_CUDA
 
 bool built_with_cuda() {
@@ -264,6 +271,7 @@ TORCH_LIBRARY(a2a_one_sided, m) {
   m.def("combine_max_resident_blocks(int device, int threads_per_block) -> int",
         &a2a::combine_max_resident_blocks_op);
   m.def("error_record_device_address(Tensor record) -> int", &a2a::error_record_device_address);
+  m.def("max_threads_per_block(int device) -> int", &a2a::max_threads_per_block_op);
 #endif
 }
 

@@ -224,4 +224,17 @@ int combine_max_resident_blocks(int device, int threads_per_block) {
   return sms * per_sm;
 }
 
+int combine_max_threads_per_block() {
+  const void* kernels[] = {reinterpret_cast<const void*>(combine_kernel<float>),
+                           reinterpret_cast<const void*>(combine_kernel<__half>),
+                           reinterpret_cast<const void*>(combine_kernel<__nv_bfloat16>)};
+  int most = 1 << 30;
+  for (const void* kernel : kernels) {
+    cudaFuncAttributes attr{};
+    if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) return 0;
+    most = attr.maxThreadsPerBlock < most ? attr.maxThreadsPerBlock : most;
+  }
+  return most;
+}
+
 }  // namespace a2a

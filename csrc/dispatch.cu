@@ -191,4 +191,10 @@ int launch_dispatch(const DispatchParams& params, cudaStream_t stream) {
   return static_cast<int>(cudaGetLastError());
 }
 
+int dispatch_max_threads_per_block() {
+  cudaFuncAttributes attr{};
+  if (cudaFuncGetAttributes(&attr, dispatch_kernel) != cudaSuccess) return 0;
+  return attr.maxThreadsPerBlock;
+}
+
 }  // namespace a2a

@@ -114,4 +114,10 @@ int launch_combine(const CombineParams& params, cudaStream_t stream);
 // x SM count) for `threads_per_block`, or 0 if the query failed.
 int combine_max_resident_blocks(int device, int threads_per_block);
 
+// The largest block each kernel can launch with (its registers decide: the bf16
+// combine needs more than 64 per thread, so 1024-thread blocks cannot run), or 0
+// if the query failed. Python checks the configured block size against it.
+int dispatch_max_threads_per_block();
+int combine_max_threads_per_block();
+
 }  // namespace a2a

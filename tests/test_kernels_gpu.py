@@ -165,7 +165,7 @@ def test_hidden_sizes_fp8_with_scales(hidden):
     run_round(ranks, gen, [48, 17])
 
 
-@pytest.mark.parametrize("threads,max_blocks", [(32, 1), (256, 1), (256, 3), (1024, 2),
+@pytest.mark.parametrize("threads,max_blocks", [(32, 1), (256, 1), (256, 3), (512, 2),
                                                 (64, 0), (256, 0)])
 def test_rows_cut_into_pieces_under_any_grid(threads, max_blocks):
     """The launchers cut each row into as many pieces as the grid allows (7 for a
@@ -179,6 +179,15 @@ def test_rows_cut_into_pieces_under_any_grid(threads, max_blocks):
     poison_workspaces(ranks, gen)
     for counts in ([1, 0], [3, 2], [40, 13], [0, 1]):
         run_round(ranks, gen, counts, extra_rows=(12, 224))
+
+
+def test_block_size_beyond_the_kernels_limit_is_refused():
+    """The combine kernel's registers allow no 1024-thread blocks; that must be a
+    clear error at construction, not a failed launch later."""
+    spec = AllToAllSpec(ep_size=2, max_tokens_per_rank=8, hidden_size=256, top_k=2,
+                        num_experts=4)
+    with pytest.raises(A2AInputError, match=r"threads_per_block \(1024\) exceeds"):
+        LocalRanks(spec, config=A2AConfig(threads_per_block=1024))
 
 
 def test_all_ranks_zero_tokens_then_normal():

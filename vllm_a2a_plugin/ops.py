@@ -193,3 +193,9 @@ def limits() -> dict[str, int]:
 def combine_max_resident_blocks(device: int, threads_per_block: int) -> int:
     require_kernels()
     return int(torch.ops.a2a_one_sided.combine_max_resident_blocks(device, threads_per_block))
+
+
+def max_threads_per_block(device: int) -> int:
+    """The largest CUDA block both kernels can launch with on ``device`` (0: unknown)."""
+    require_kernels()
+    return int(torch.ops.a2a_one_sided.max_threads_per_block(device))
