@@ -100,10 +100,10 @@ def test_vllm_experts_on_our_dispatch_match_fused_experts(p, experts_name, quant
     _vllm_or_skip()
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
     from vllm.model_executor.layers.fused_moe.fused_moe import fused_experts
-    from vllm.model_executor.layers.fused_moe.utils import moe_kernel_quantize_input
 
     from vllm_a2a_plugin import A2AConfig, AllToAllSpec, LocalRanks
     from vllm_a2a_plugin.padding import padding_expert_id
+    from vllm_a2a_plugin.vllm.prepare_finalize import quantize_for_dispatch
 
     experts_cls = _experts_class(experts_name)
     gen = torch.Generator(device="cuda").manual_seed(p * 10 + len(quant))
@@ -118,7 +118,6 @@ def test_vllm_experts_on_our_dispatch_match_fused_experts(p, experts_name, quant
     else:
         w1, w2 = w1.bfloat16(), w2.bfloat16()
     per_token = quant == "fp8_token"
-    block_shape = [128, 128] if quant == "fp8_block" else None
 
     counts = random_token_counts(torch.Generator().manual_seed(p), p, MAX_TOKENS, zero_ranks=1)
     xs = [torch.randn((n, HIDDEN), generator=gen, device="cuda").bfloat16() for n in counts]
@@ -133,8 +132,9 @@ def test_vllm_experts_on_our_dispatch_match_fused_experts(p, experts_name, quant
                         scale_cols=scale_cols, combine_dtype=torch.bfloat16)
     ranks = LocalRanks(spec, config=A2AConfig(timeout_s=10.0))
     if fp8:
-        quantized = [moe_kernel_quantize_input(x, None, torch.float8_e4m3fn, per_token,
-                                               block_shape) for x in xs]
+        # Our prepare's quantisation (vLLM's, plus the zero-token case it lacks).
+        quantized = [quantize_for_dispatch(x, _quant_config(quant, w1_scale, w2_scale))
+                     for x in xs]
         send_x = [q for q, _ in quantized]
         send_scales = [s.float().reshape(s.shape[0], scale_cols).contiguous() for _, s in quantized]
     else:

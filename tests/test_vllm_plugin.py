@@ -189,3 +189,54 @@ def test_engine_args_build_a_full_config_for_a_local_moe_model(tmp_path):
     """)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "OK" in proc.stdout
+
+
+def test_engine_benchmark_model_is_a_valid_qwen3_moe_config(tmp_path):
+    """benchmarks/engine_throughput.py serves Qwen3-30B-A3B's architecture with dummy
+    weights: vLLM must accept the config we write (no weights on disk)."""
+    from vllm_a2a_plugin.testing.tiny_moe import QWEN3_30B_A3B, write_config_and_tokenizer
+
+    write_config_and_tokenizer(tmp_path, QWEN3_30B_A3B)
+    proc = run_python(f"""
+        from vllm.plugins import load_general_plugins
+        load_general_plugins()
+        from vllm.engine.arg_utils import EngineArgs
+        cfg = EngineArgs(model={str(tmp_path)!r}, load_format="dummy",
+                         all2all_backend="a2a_one_sided", enable_expert_parallel=True,
+                         data_parallel_size=2, max_model_len=2048).create_engine_config()
+        hf = cfg.model_config.hf_config
+        assert cfg.model_config.is_moe and hf.num_experts == 128 and hf.num_experts_per_tok == 8
+        assert hf.hidden_size == 2048 and hf.num_hidden_layers == 48
+        print("OK")
+    """)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "OK" in proc.stdout
+
+
+def test_zero_token_rank_quantizes_without_a_launch():
+    """vLLM's per-token fp8 kernel cannot launch on [0, H] (seen on an H100); our
+    prepare's quantisation gives empty tensors of the right dtypes and shapes."""
+    proc = run_python("""
+        import torch
+        from vllm.model_executor.layers.fused_moe.config import fp8_w8a8_moe_quant_config
+        from vllm_a2a_plugin.vllm.prepare_finalize import quantize_for_dispatch
+        w = torch.ones(4, 1, 1)
+        a1 = torch.empty((0, 512), dtype=torch.bfloat16)
+        cases = {
+            "per_token": (fp8_w8a8_moe_quant_config(w1_scale=w, w2_scale=w,
+                                                    per_act_token_quant=True), (0, 1)),
+            "block": (fp8_w8a8_moe_quant_config(w1_scale=w, w2_scale=w,
+                                                block_shape=[128, 128]), (0, 4)),
+        }
+        for name, (qc, scale_shape) in cases.items():
+            x, s = quantize_for_dispatch(a1, qc)
+            assert x.shape == (0, 512) and x.dtype == torch.float8_e4m3fn, (name, x)
+            assert s.shape == scale_shape and s.dtype == torch.float32, (name, s.shape)
+        static = torch.tensor([0.5])
+        qc = fp8_w8a8_moe_quant_config(w1_scale=w, w2_scale=w, a1_scale=static)
+        x, s = quantize_for_dispatch(a1, qc)
+        assert x.shape == (0, 512) and s is static
+        print("OK")
+    """)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "OK" in proc.stdout

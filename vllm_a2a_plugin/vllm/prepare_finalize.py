@@ -73,6 +73,36 @@ def dispatch_layout(hidden: int, quant_config: FusedMoEQuantConfig | None,
         f"activations; got quant_dtype={quant_dtype!r}")
 
 
+
+def quantize_for_dispatch(a1: torch.Tensor, quant_config: FusedMoEQuantConfig
+                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """vLLM's activation quantisation before dispatch, also on a rank with no tokens.
+
+    Args:
+        a1: ``[T, H]`` activations; ``T`` may be 0.
+        quant_config: the layer's quantisation (fp8 per-token, 1x128 block, or
+            static per-tensor with ``a1_scale``).
+
+    Returns:
+        ``([T, H]`` quantised, scales: ``[T, 1]`` / ``[T, H / 128]`` float32, or
+        the static per-tensor scale).
+
+    vLLM 0.32's dynamic per-token fp8 kernel fails to launch on ``[0, H]`` input
+    (``CUDA error: invalid argument``, seen on an H100), and zero-token ranks
+    are ours to support: an empty input gets empty outputs of the right dtypes
+    and shapes without a launch.
+    """
+    if a1.shape[0] > 0:
+        return moe_kernel_quantize_input(a1, quant_config.a1_scale, quant_config.quant_dtype,
+                                         quant_config.per_act_token_quant,
+                                         quant_config.block_shape)
+    x = torch.empty(a1.shape, dtype=quant_config.quant_dtype, device=a1.device)
+    if quant_config.a1_scale is not None:
+        return x, quant_config.a1_scale
+    cols = 1 if quant_config.per_act_token_quant else a1.shape[1] // quant_config.block_shape[1]
+    return x, torch.empty((0, cols), dtype=torch.float32, device=a1.device)
+
+
 class OneSidedPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
     """Prepare/finalize of one MoE layer on one EP rank.
 
@@ -198,9 +228,7 @@ class OneSidedPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
         if defer_input_quant or quant_config.quant_dtype is None:
             x, x_scale = a1, None
         else:
-            x, x_scale = moe_kernel_quantize_input(
-                a1, quant_config.a1_scale, quant_config.quant_dtype,
-                quant_config.per_act_token_quant, quant_config.block_shape)
+            x, x_scale = quantize_for_dispatch(a1, quant_config)
         scales = None
         if self.spec.scale_cols:
             scales = x_scale.to(torch.float32).reshape(x.shape[0], self.spec.scale_cols)
