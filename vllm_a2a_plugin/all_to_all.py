@@ -39,11 +39,18 @@ PHASE_BOTH = ops.PHASE_BOTH
 _ERR_STATUS, _ERR_RANK, _ERR_PEER, _ERR_PHASE, _ERR_EPOCH, _ERR_D0, _ERR_D1 = range(7)
 _STATUS_TIMEOUT, _STATUS_MISMATCH, _STATUS_BAD_ID = 1, 2, 3
 _PHASE_NAMES = {0: "dispatch", 1: "combine"}
+# Receive views kept per runtime M; vLLM's M takes one value per CUDA-graph size
+# (and any value in eager steps), so the cache is bounded.
+_MAX_CACHED_VIEWS = 64
 
 
-@dataclass
+@dataclass(frozen=True)
 class DispatchResult:
     """What rank ``r`` received; every tensor is a view into its workspace.
+
+    Frozen: one result per runtime ``M`` is built once and handed out again on
+    every dispatch with that ``M`` (building the views costs more host time than
+    the launch itself at small batches).
 
     Slot ``s * M + t`` holds token ``t`` of sender ``s`` (``M`` =
     ``runtime_max_tokens``); ``.view(ep_size, M, ...)`` gives the ``[P, M, ...]``
@@ -56,7 +63,7 @@ class DispatchResult:
         recv_x_scales: ``[P * M, scale_cols]`` float32, or None.
         recv_topk_ids: ``[P * M, K]`` int32 global expert ids (sanitized).
         recv_topk_weights: ``[P * M, K]`` float32 (0 where padded).
-        recv_extra: further payloads, ``[P * M, row_bytes]`` uint8 each.
+        recv_extra: further payloads, ``[P * M, row_bytes]`` uint8 each (a tuple).
         runtime_max_tokens: ``M`` of this step.
         padding_id: the id padded slots carry on this rank.
     """
@@ -65,7 +72,7 @@ class DispatchResult:
     recv_x_scales: torch.Tensor | None
     recv_topk_ids: torch.Tensor
     recv_topk_weights: torch.Tensor
-    recv_extra: list[torch.Tensor]
+    recv_extra: tuple[torch.Tensor, ...]
     runtime_max_tokens: int
     padding_id: int
 
@@ -106,6 +113,11 @@ class OneSidedAllToAll:
         self._expert_owner = owner_cpu.to(torch.int32).to(self.device)
         self._pad_ids = torch.tensor(self.padding_ids, dtype=torch.int32, device=self.device)
         self._sm_count = torch.cuda.get_device_properties(self.device).multi_processor_count
+        most = ops.max_threads_per_block(self.device.index or 0)
+        if most and self.config.threads_per_block > most:
+            raise A2AInputError(
+                f"threads_per_block ({self.config.threads_per_block}) exceeds what the kernels "
+                f"can launch on this GPU ({most}: their registers per thread decide)")
         self._error_record = torch.zeros(8, dtype=torch.int32, pin_memory=True)
         self._error_record_ptr = int(
             torch.ops.a2a_one_sided.error_record_device_address(self._error_record))
@@ -115,9 +127,19 @@ class OneSidedAllToAll:
         self._dispatch_args = None
         self._combine_dst: torch.Tensor | None = None
         self._combine_out: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+        self._views_by_m: dict[int, DispatchResult] = {}
 
     # ------------------------------------------------------------------ views
     def _views(self, m: int) -> DispatchResult:
+        """The receive views for runtime ``M`` = ``m``, built once per ``m``."""
+        views = self._views_by_m.get(m)
+        if views is None:
+            if len(self._views_by_m) >= _MAX_CACHED_VIEWS:  # vLLM's M varies per step
+                self._views_by_m.clear()
+            views = self._views_by_m[m] = self._build_views(m)
+        return views
+
+    def _build_views(self, m: int) -> DispatchResult:
         spec, layout, ws = self.spec, self.workspace.layout, self.workspace
         slots = spec.ep_size * m
         payload_offsets = list(layout.payloads)
@@ -129,10 +151,10 @@ class OneSidedAllToAll:
             recv_scales = ws.region(self.rank, payload_offsets[1], torch.float32,
                                     (slots, spec.scale_cols))
             next_payload = 2
-        extra = [
+        extra = tuple(
             ws.region(self.rank, off, torch.uint8, (slots, row))
             for off, row in zip(payload_offsets[next_payload:], spec.extra_payload_row_bytes)
-        ]
+        )
         return DispatchResult(
             recv_x=recv_x,
             recv_x_scales=recv_scales,

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -24,7 +26,7 @@ from vllm_a2a_plugin.validation import (check_dispatch_inputs, check_expert_ids_
 from vllm_a2a_plugin.workspace import AllToAllSpec
 
 
-@dataclass
+@dataclass(frozen=True)
 class ReferenceDispatch(DispatchResult):
     """A :class:`DispatchResult` plus ``valid``: ``[P * M]`` bool, slot carries a token."""
 
@@ -96,7 +98,7 @@ def dispatch_reference(
                 p * m, recv_scales.shape[-1]),
             recv_topk_ids=recv_ids.reshape(p * m, k),
             recv_topk_weights=recv_w.reshape(p * m, k),
-            recv_extra=[e.reshape(p * m, e.shape[-1]) for e in recv_extra],
+            recv_extra=tuple(e.reshape(p * m, e.shape[-1]) for e in recv_extra),
             runtime_max_tokens=m,
             padding_id=pads[r],
             valid=valid.reshape(p * m),
@@ -261,12 +263,11 @@ class ReferenceAllToAll:
         self._phase = "dispatched"
         self._combine_buffer = torch.zeros((p * m, self.spec.hidden_size),
                                            dtype=self.spec.combine_dtype, device=self.device)
-        for name in ("recv_x", "recv_x_scales", "recv_topk_ids", "recv_topk_weights"):
-            value = getattr(mine, name)
-            if value is not None:
-                setattr(mine, name, value.to(self.device))
-        mine.recv_extra = [e.to(self.device) for e in mine.recv_extra]
-        return mine
+        moved = {name: getattr(mine, name).to(self.device)
+                 for name in ("recv_x", "recv_x_scales", "recv_topk_ids", "recv_topk_weights")
+                 if getattr(mine, name) is not None}
+        return dataclasses.replace(mine, recv_extra=tuple(e.to(self.device)
+                                                          for e in mine.recv_extra), **moved)
 
     def combine_input(self) -> torch.Tensor:
         if self._phase != "dispatched" or self._combine_buffer is None:
