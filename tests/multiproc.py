@@ -5,18 +5,13 @@ in ``finally``, and every failure re-raised in the parent with its traceback."""
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import traceback
 from collections.abc import Callable
 
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from vllm_a2a_plugin.testing.serve import free_port
 
 
 class _Prefixed:

@@ -12,17 +12,14 @@ the flag is honoured end to end. Two GPUs: DP=2 expert parallel with
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
 import torch
 
-from tests.multiproc import free_port
+from vllm_a2a_plugin.testing.serve import (complete, engine_env, free_port, start_server,
+                                           stop_server, wait_healthy)
 
 pytestmark = pytest.mark.engine
 
@@ -54,12 +51,6 @@ def tiny_model(tmp_path_factory):
     return str(make_tiny_moe(tmp_path_factory.mktemp("tiny-moe"), TinyMoESpec(top_k=2)))
 
 
-def _engine_env() -> dict[str, str]:
-    # No flashinfer sampler JIT build (minutes on first use, design §9).
-    return {**os.environ, "VLLM_USE_FLASHINFER_SAMPLER": "0", "NCCL_NVLS_ENABLE": "0",
-            "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
-
-
 @pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "cuda-graphs"])
 def test_llm_generates_with_the_plugin(tiny_model, enforce_eager):
     code = f"""
@@ -73,7 +64,7 @@ print("TOKENS", json.dumps([list(o.outputs[0].token_ids) for o in outs]))
 import vllm_a2a_plugin.vllm.hooks as hooks
 print("PLUGIN", hooks._installed)
 """
-    proc = subprocess.run([sys.executable, "-c", code], env=_engine_env(), capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", code], env=engine_env(), capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     tokens = json.loads(proc.stdout.split("TOKENS", 1)[1].splitlines()[0])
@@ -81,60 +72,18 @@ print("PLUGIN", hooks._installed)
     assert "PLUGIN True" in proc.stdout
 
 
-def _serve(model: str, port: int, *extra: str) -> subprocess.Popen:
-    cmd = [os.path.join(os.path.dirname(sys.executable), "vllm"), "serve", model,
-           "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "256",
-           "--gpu-memory-utilization", "0.3", "--enable-expert-parallel",
-           "--attention-backend", "TRITON_ATTN", *extra]
-    return subprocess.Popen(cmd, env=_engine_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def _wait_healthy(proc: subprocess.Popen, port: int, timeout_s: float = 600) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited early:\n{proc.stdout.read()[-4000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    raise AssertionError(f"server not healthy within {timeout_s} s")
-
-
-def _complete(port: int, model: str, prompt: str) -> list[int] | str:
-    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0,
-                       "logprobs": 1}).encode()
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=120) as r:
-        assert r.status == 200
-        choice = json.loads(r.read())["choices"][0]
-        return choice["text"]
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-
-
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "cuda-graphs"])
 def test_vllm_serve_answers_http(tiny_model, graphs):
     port = free_port()
     extra = ["--all2all-backend", "a2a_one_sided"] + ([] if graphs else ["--enforce-eager"])
-    proc = _serve(tiny_model, port, *extra)
+    proc = start_server(tiny_model, port, *extra)
     try:
-        _wait_healthy(proc, port)
-        text = _complete(port, tiny_model, PROMPTS[0])
-        assert isinstance(text, str) and text
+        wait_healthy(proc, port)
+        choice = complete(port, tiny_model, PROMPTS[0])
+        assert isinstance(choice["text"], str) and choice["text"]
+        assert choice["usage"]["completion_tokens"] > 0
     finally:
-        _stop(proc)
+        stop_server(proc)
 
 
 @pytest.mark.multigpu
@@ -144,13 +93,14 @@ def test_dp2_expert_parallel_matches_allgather_reducescatter(tiny_model):
     results = {}
     for backend in ("allgather_reducescatter", "a2a_one_sided"):
         port = free_port()
-        proc = _serve(tiny_model, port, "--data-parallel-size", "2", "--all2all-backend", backend)
+        proc = start_server(tiny_model, port, "--data-parallel-size", "2",
+                            "--all2all-backend", backend)
         try:
-            _wait_healthy(proc, port)
+            wait_healthy(proc, port)
             # One request alone: the other DP rank has none in that step.
-            alone = _complete(port, tiny_model, PROMPTS[0])
-            together = [_complete(port, tiny_model, p) for p in PROMPTS]
+            alone = complete(port, tiny_model, PROMPTS[0])["text"]
+            together = [complete(port, tiny_model, p)["text"] for p in PROMPTS]
             results[backend] = [alone, *together]
         finally:
-            _stop(proc)
+            stop_server(proc)
     assert results["a2a_one_sided"] == results["allgather_reducescatter"]

@@ -45,6 +45,13 @@ class TinyMoESpec:
             raise ValueError(f"need >= 8 experts and 1 <= top_k <= experts, got {self}")
 
 
+# Qwen3-30B-A3B's architecture (its config.json), for engine benchmarks with
+# load_format="dummy"; only the vocabulary is ours (a few hundred words).
+QWEN3_30B_A3B = TinyMoESpec(num_layers=48, hidden_size=2048, num_heads=32, num_kv_heads=4,
+                            head_dim=128, intermediate_size=6144, moe_intermediate_size=768,
+                            num_experts=128, top_k=8, max_position_embeddings=4096)
+
+
 def vocabulary() -> list[str]:
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
     digits = [str(d) for d in range(10)]
@@ -130,16 +137,25 @@ def tensor_shapes(spec: TinyMoESpec, vocab_size: int) -> dict[str, tuple[int, ..
     return shapes
 
 
-def make_tiny_moe(directory: str | Path, spec: TinyMoESpec = TinyMoESpec()) -> Path:
-    """Write config, tokenizer and seeded random bf16 weights into ``directory``."""
-    from safetensors.torch import save_file
-
+def write_config_and_tokenizer(directory: str | Path, spec: TinyMoESpec) -> int:
+    """Config, generation config and tokenizer, no weights: enough for vLLM's
+    ``load_format="dummy"`` (random weights made on the GPU), which is how a model
+    of realistic size is served without writing tens of GB. Returns the vocab size."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     vocab_size = write_tokenizer(directory)
     (directory / "config.json").write_text(json.dumps(config_dict(spec, vocab_size), indent=1))
     (directory / "generation_config.json").write_text(json.dumps(
         {"eos_token_id": 1, "pad_token_id": 1, "do_sample": False}))
+    return vocab_size
+
+
+def make_tiny_moe(directory: str | Path, spec: TinyMoESpec = TinyMoESpec()) -> Path:
+    """Write config, tokenizer and seeded random bf16 weights into ``directory``."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    vocab_size = write_config_and_tokenizer(directory, spec)
     gen = torch.Generator().manual_seed(spec.seed)
     tensors = {}
     for name, shape in tensor_shapes(spec, vocab_size).items():
