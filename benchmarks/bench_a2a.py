@@ -80,6 +80,17 @@ def stats(samples: list[float]) -> tuple[float, float]:
     return float(t.median()), float(torch.quantile(t, 0.99))
 
 
+def warm_up_gpu(device: torch.device, seconds: float = 2.0) -> None:
+    """Busy the GPU for a while first: an idle card starts at low clocks (345 MHz
+    read on an H100 here), which made the first point of a run slower."""
+    a = torch.randn((4096, 4096), device=device, dtype=torch.bfloat16)
+    deadline = datetime.datetime.now() + datetime.timedelta(seconds=seconds)
+    while datetime.datetime.now() < deadline:
+        for _ in range(20):
+            a = (a @ a).clamp_(-1, 1)
+        torch.cuda.synchronize(device)
+
+
 def copy_limit_gbps(device: torch.device, nbytes: int = 1 << 30) -> float:
     """Device-to-device copy bandwidth (bytes copied per second, GB/s)."""
     a = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
@@ -171,20 +182,33 @@ def make_inputs(gen, shape, tokens, dtype, kind, ranks, device):
 
 
 def ours_single_process(args, shape, dtype, tokens, kind, ep_size, gen, device):
+    """Ours in one process: at one rank exactly what one vLLM EP rank runs (one
+    ``OneSidedAllToAll``); at ``ep_size`` > 1, logical ranks on this GPU, each on its
+    own stream (their host work is serialised here, so eager times grow with the
+    rank count; graph replay shows the device time)."""
     spec = AllToAllSpec(ep_size=ep_size, max_tokens_per_rank=tokens, hidden_size=shape.hidden,
                         top_k=shape.top_k, num_experts=shape.num_experts, dispatch_dtype=dtype,
                         scale_cols=shape.hidden // 128 if dtype == torch.float8_e4m3fn else 0)
     config = A2AConfig(threads_per_block=args.threads_per_block, max_blocks=args.max_blocks,
                        check_expert_ids=False, timeout_s=30.0)
-    ranks = LocalRanks(spec, mode="concurrent", config=config,
-                       device=device)
-    for buf in ranks.workspace.buffers.values():  # never time on zeros
-        buf[ranks.workspace.layout.recv_topk_ids:].random_(0, 255)
     xs, scales, ids, weights = make_inputs(gen, shape, tokens, dtype, kind, ep_size, device)
-    sc = scales if scales[0] is not None else None
+    if ep_size == 1:
+        workspace = Workspace.allocate_local(spec, device)
+        ranks = OneSidedAllToAll(workspace, 0, config=config)
 
-    def dispatch():
-        ranks.dispatch(xs, ids, weights, x_scales=sc, runtime_max_tokens=tokens)
+        def dispatch():
+            ranks.dispatch(xs[0], ids[0], weights[0], x_scales=scales[0],
+                           runtime_max_tokens=tokens)
+    else:
+        ranks = LocalRanks(spec, mode="concurrent", config=config, device=device)
+        workspace = ranks.workspace
+        sc = scales if scales[0] is not None else None
+
+        def dispatch():
+            ranks.dispatch(xs, ids, weights, x_scales=sc, runtime_max_tokens=tokens)
+
+    for buf in workspace.buffers.values():  # never time on zeros
+        buf[workspace.layout.recv_topk_ids:].random_(0, 255)
 
     def combine():
         ranks.combine()
@@ -309,6 +333,7 @@ def main(argv=None):
         progress = tqdm(combos, disable=rank != 0)
     except ImportError:
         progress = combos
+    warm_up_gpu(device)
     limit = peer_limit_gbps(group, device) if world > 1 else copy_limit_gbps(device)
     limit_kind = "peer_copy" if world > 1 else "device_copy"
     rows = []
