@@ -49,9 +49,11 @@ NEVER_BUNDLE = {"torch", "torchvision", "torchaudio", "torchcodec", "triton", "n
 # In vLLM's dependency closure but not on the path of an offline bf16/fp8 engine
 # run on Hopper, and large: a Triton fork, video decoding, optional kernel
 # libraries, hosted-API clients and tracing exporters vLLM imports lazily.
+# (model-hosting-container-standards is *not* skipped: `vllm serve` imports it when
+# it builds its routes; its `supervisor` dependency is never imported.)
 SKIP = {"tokenspeed-triton", "tokenspeed-mla", "tilelang", "pynvvideocodec", "quack-kernels",
         "humming-kernels", "instanttensor", "fastsafetensors", "anthropic", "mcp", "mcp-types",
-        "supervisor", "model-hosting-container-standards", "nccl-extensions",
+        "supervisor", "nccl-extensions",
         # fastapi[standard]'s cloud CLI, which `vllm serve` never calls
         "fastapi-cli", "fastapi-cloud-cli", "sentry-sdk", "agent-detector", "detect-installer",
         "rignore", "fastar", "rich-toolkit"}
