@@ -391,14 +391,16 @@ def add_speedups(rows: list[dict]) -> None:
 
 def result_header(args, device, world: int, limit_kind: str, limit: float) -> dict:
     """Everything a result file says besides its rows: how to rerun it, and where."""
+    # A2A_COMMIT first: the device tool's copy of the tree can carry a stale .git,
+    # so the command line that launches a run names the commit it was made from.
     commit = os.environ.get("A2A_COMMIT", "")
-    try:
-        found = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                               text=True).stdout.strip()
-        if len(found) == 40:  # a copied tree without .git answers something else
-            commit = found
-    except OSError:
-        pass
+    if not commit:
+        try:
+            found = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                                   text=True).stdout.strip()
+            commit = found if len(found) == 40 else ""
+        except OSError:
+            pass
     return dict(command=" ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
                 commit=commit or "unknown", gpu=torch.cuda.get_device_name(device),
                 world_size=world, torch=torch.__version__, cuda=torch.version.cuda,
