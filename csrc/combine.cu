@@ -182,13 +182,11 @@ __global__ void combine_kernel(const __grid_constant__ CombineParams cp) {
 int launch_combine(const CombineParams& params, cudaStream_t stream) {
   const CommonParams& c = params.common;
   const int threads = c.threads_per_block;
-  int64_t blocks = 1;  // signal-only launches, and ranks with no tokens, still take part
+  int64_t blocks = 1;  // signal-only launches: one block
   if (c.phases & kPhaseWait) {
     const int64_t row_bytes = int64_t(params.hidden_size) * combine_dtype_bytes(params.dtype);
-    const int64_t warps = int64_t(c.num_local_tokens) * max_pieces_for_row(row_bytes);
-    blocks = (warps + threads / 32 - 1) / (threads / 32);
-    if (blocks > c.max_blocks) blocks = c.max_blocks;
-    if (blocks < 1) blocks = 1;
+    blocks = grid_for_warps(int64_t(c.num_local_tokens) * max_pieces_for_row(row_bytes), threads,
+                            c.max_blocks);
   }
   switch (params.dtype) {
     case CombineDtype::kFloat32:

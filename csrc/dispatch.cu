@@ -47,15 +47,6 @@ __device__ __forceinline__ void copy_span_to_targets(const uint8_t* src, VecSpan
   }
 }
 
-// Largest payload row: it decides how many pieces a token is cut into.
-__device__ __forceinline__ int64_t largest_payload_row(const DispatchParams& dp) {
-  int64_t largest = 0;
-  for (int i = 0; i < dp.num_payloads; ++i) {
-    largest = dp.payload_row_bytes[i] > largest ? dp.payload_row_bytes[i] : largest;
-  }
-  return largest;
-}
-
 __device__ void send_tokens(const DispatchParams& dp) {
   const CommonParams& p = dp.common;
   const int lane = threadIdx.x % 32;
@@ -173,19 +164,12 @@ __global__ void dispatch_kernel(const __grid_constant__ DispatchParams dp) {
 
 int launch_dispatch(const DispatchParams& params, cudaStream_t stream) {
   const CommonParams& c = params.common;
-  int64_t blocks = 1;  // wait-only launches, and ranks with no tokens, still signal (seed 000)
+  int64_t blocks = 1;  // wait-only launches: one block
   if (c.phases & kPhaseSend) {
-    int64_t largest = 0;
-    for (int i = 0; i < params.num_payloads; ++i) {
-      largest = params.payload_row_bytes[i] > largest ? params.payload_row_bytes[i] : largest;
-    }
     // Enough warps for every empty slot's header and every piece of every real token.
-    const int64_t rows = int64_t(c.num_local_tokens) * max_pieces_for_row(largest);
-    const int64_t warps = rows > c.runtime_max_tokens ? rows : c.runtime_max_tokens;
-    const int64_t warps_per_block = c.threads_per_block / 32;
-    blocks = (warps + warps_per_block - 1) / warps_per_block;
-    if (blocks > c.max_blocks) blocks = c.max_blocks;
-    if (blocks < 1) blocks = 1;
+    const int64_t pieces = int64_t(c.num_local_tokens) * max_pieces_for_row(largest_payload_row(params));
+    const int64_t warps = pieces > c.runtime_max_tokens ? pieces : c.runtime_max_tokens;
+    blocks = grid_for_warps(warps, c.threads_per_block, c.max_blocks);
   }
   dispatch_kernel<<<static_cast<int>(blocks), c.threads_per_block, 0, stream>>>(params);
   return static_cast<int>(cudaGetLastError());

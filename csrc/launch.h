@@ -59,6 +59,15 @@ struct DispatchParams {
   int64_t payload_row_bytes[kMaxPayloads];
 };
 
+// Largest payload row: it decides how many pieces a token is cut into.
+A2A_HOST_DEVICE inline int64_t largest_payload_row(const DispatchParams& dp) {
+  int64_t largest = 0;
+  for (int i = 0; i < dp.num_payloads; ++i) {
+    largest = dp.payload_row_bytes[i] > largest ? dp.payload_row_bytes[i] : largest;
+  }
+  return largest;
+}
+
 // Work split: a token's row is cut into `pieces` contiguous spans, one warp per
 // (token, piece). One warp per token left each lane a chain of dependent 16-byte
 // loads (a 14 KB DeepSeek row: 28 in a row); at small token counts that chain,
@@ -94,6 +103,16 @@ A2A_HOST_DEVICE inline VecSpan piece_span(int64_t num_vecs, int64_t pieces, int6
   const int64_t begin = piece * span;
   const int64_t end = begin + span < num_vecs ? begin + span : num_vecs;
   return {begin, end};
+}
+
+// Blocks for `warps` warps of work: at least one (every launch takes part in the
+// signalling, even with no tokens: seed 000), at most the caller's cap.
+A2A_HOST_DEVICE inline int64_t grid_for_warps(int64_t warps, int threads_per_block,
+                                              int max_blocks) {
+  const int64_t warps_per_block = threads_per_block / 32;
+  int64_t blocks = (warps + warps_per_block - 1) / warps_per_block;
+  if (blocks > max_blocks) blocks = max_blocks;
+  return blocks < 1 ? 1 : blocks;
 }
 
 enum class CombineDtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
