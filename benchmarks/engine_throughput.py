@@ -30,8 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from vllm_a2a_plugin.testing.serve import (complete, free_port, start_server,  # noqa: E402
-                                           stop_server, wait_healthy)
+from vllm_a2a_plugin.testing.serve import (complete, free_port, server_log_tail,  # noqa: E402
+                                           start_server, stop_server, wait_healthy)
 from vllm_a2a_plugin.testing.tiny_moe import (QWEN3_30B_A3B, WORDS,  # noqa: E402
                                               write_config_and_tokenizer)
 
@@ -80,7 +80,8 @@ def run_backend(args, model: str, backend: str, prompts: list[str]) -> dict:
                 "output_tokens_per_s": round(tokens / wall, 1),
                 "requests_per_s": round(len(prompts) / wall, 2)}
     except Exception as exc:  # noqa: BLE001 - one backend failing must not hide the others
-        return {"backend": backend, "error": f"{type(exc).__name__}: {str(exc)[-2000:]}"}
+        return {"backend": backend, "error": f"{type(exc).__name__}: {str(exc)[-2000:]}",
+                "server_log_tail": server_log_tail(proc)}
     finally:
         stop_server(proc)
 

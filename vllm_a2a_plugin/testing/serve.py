@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -37,22 +38,33 @@ def start_server(model: str, port: int, *extra: str, max_model_len: int = 256,
            "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(max_model_len),
            "--gpu-memory-utilization", str(gpu_memory_utilization), "--enable-expert-parallel",
            "--attention-backend", "TRITON_ATTN", *extra]
-    return subprocess.Popen(cmd, env=engine_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    # Output to a file, not a pipe: nobody reads a pipe while the server runs, and
+    # a long run (one access-log line per request) would fill it and stall vLLM.
+    log = tempfile.NamedTemporaryFile(prefix="vllm-serve-", suffix=".log", delete=False)
+    proc = subprocess.Popen(cmd, env=engine_env(), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    log.close()
+    proc.log_path = log.name
+    return proc
+
+
+def server_log_tail(proc: subprocess.Popen, chars: int = 4000) -> str:
+    with open(proc.log_path, errors="replace") as f:
+        return f.read()[-chars:]
 
 
 def wait_healthy(proc: subprocess.Popen, port: int, timeout_s: float = 600) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"server exited early:\n{proc.stdout.read()[-4000:]}")
+            raise AssertionError(f"server exited early:\n{server_log_tail(proc)}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
                 if r.status == 200:
                     return
         except OSError:
             time.sleep(1)
-    raise AssertionError(f"server not healthy within {timeout_s} s")
+    raise AssertionError(f"server not healthy within {timeout_s} s:\n{server_log_tail(proc)}")
 
 
 def complete(port: int, model: str, prompt: str, *, max_tokens: int = 8,
@@ -71,9 +83,13 @@ def complete(port: int, model: str, prompt: str, *, max_tokens: int = 8,
 
 
 def stop_server(proc: subprocess.Popen) -> None:
+    """Stop the server's whole process group and delete its log."""
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    if os.path.exists(proc.log_path):
+        os.unlink(proc.log_path)
