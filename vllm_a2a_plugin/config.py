@@ -43,10 +43,6 @@ class A2AConfig:
             raise A2AInputError(f"timeout_s ({self.timeout_s}) must be positive")
 
     @property
-    def warps_per_block(self) -> int:
-        return self.threads_per_block // 32
-
-    @property
     def timeout_ns(self) -> int:
         return int(self.timeout_s * 1e9)
 

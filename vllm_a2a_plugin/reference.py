@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import dataclasses
-
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
