@@ -38,10 +38,18 @@ def start_server(model: str, port: int, *extra: str, max_model_len: int = 256,
            "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(max_model_len),
            "--gpu-memory-utilization", str(gpu_memory_utilization), "--enable-expert-parallel",
            "--attention-backend", "TRITON_ATTN", *extra]
-    # Output to a file, not a pipe: nobody reads a pipe while the server runs, and
-    # a long run (one access-log line per request) would fill it and stall vLLM.
+    return start_logged(cmd, env=engine_env())
+
+
+def start_logged(cmd: list[str], *, env: dict[str, str] | None = None,
+                 cwd: str | None = None) -> subprocess.Popen:
+    """Start ``cmd`` in its own process group, its output in a temporary log file
+    (``proc.log_path``; :func:`stop_server` deletes it).
+
+    A file, not a pipe: nobody reads a pipe while the server runs, and a long run
+    (one access-log line per request) would fill it and stall the server."""
     log = tempfile.NamedTemporaryFile(prefix="vllm-serve-", suffix=".log", delete=False)
-    proc = subprocess.Popen(cmd, env=engine_env(), stdout=log, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     log.close()
     proc.log_path = log.name
