@@ -118,7 +118,10 @@ class OneSidedAllToAll:
             raise A2AInputError(
                 f"threads_per_block ({self.config.threads_per_block}) exceeds what the kernels "
                 f"can launch on this GPU ({most}: their registers per thread decide)")
-        self._error_record = torch.zeros(8, dtype=torch.int32, pin_memory=True)
+        # Host memory the kernels write through a mapped address; named `cpu`
+        # because a caller's `with torch.device("cuda")` would otherwise place it
+        # on the GPU (and pinning that fails).
+        self._error_record = torch.zeros(8, dtype=torch.int32, device="cpu", pin_memory=True)
         self._error_record_ptr = int(
             torch.ops.a2a_one_sided.error_record_device_address(self._error_record))
         self._phase = "idle"

@@ -60,7 +60,7 @@ def linear_expert_owner(num_experts: int, ep_size: int) -> torch.Tensor:
             f"num_experts ({num_experts}) must be divisible by ep_size ({ep_size})"
         )
     per_rank = num_experts // ep_size
-    return torch.arange(num_experts, dtype=torch.int32) // per_rank
+    return torch.arange(num_experts, dtype=torch.int32, device="cpu") // per_rank
 
 
 def expert_owner_from_maps(expert_maps: list[torch.Tensor]) -> torch.Tensor:

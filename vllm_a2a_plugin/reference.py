@@ -24,6 +24,10 @@ from vllm_a2a_plugin.validation import (check_dispatch_inputs, check_expert_ids_
                                         check_tensor, row_bytes)
 from vllm_a2a_plugin.workspace import AllToAllSpec
 
+# The reference computes on the host whatever the caller's default device is
+# (vLLM builds models under `with torch.device("cuda")`).
+_CPU = torch.device("cpu")
+
 
 @dataclass(frozen=True)
 class ReferenceDispatch(DispatchResult):
@@ -63,17 +67,18 @@ def dispatch_reference(
     hidden = xs[0].shape[1]
     results = []
     for r in range(p):
-        recv_ids = torch.full((p, m, k), pads[r], dtype=torch.int32)
-        recv_w = torch.zeros((p, m, k), dtype=torch.float32)
-        recv_x = torch.zeros((p, m, hidden), dtype=xs[0].dtype)
+        recv_ids = torch.full((p, m, k), pads[r], dtype=torch.int32, device=_CPU)
+        recv_w = torch.zeros((p, m, k), dtype=torch.float32, device=_CPU)
+        recv_x = torch.zeros((p, m, hidden), dtype=xs[0].dtype, device=_CPU)
         recv_scales = None
         if x_scales is not None and x_scales[0] is not None:
-            recv_scales = torch.zeros((p, m, x_scales[0].shape[1]), dtype=torch.float32)
+            recv_scales = torch.zeros((p, m, x_scales[0].shape[1]), dtype=torch.float32,
+                                      device=_CPU)
         recv_extra = []
         if extra_payloads is not None:
-            recv_extra = [torch.zeros((p, m, row_bytes(e)), dtype=torch.uint8)
+            recv_extra = [torch.zeros((p, m, row_bytes(e)), dtype=torch.uint8, device=_CPU)
                           for e in extra_payloads[0]]
-        valid = torch.zeros((p, m), dtype=torch.bool)
+        valid = torch.zeros((p, m), dtype=torch.bool, device=_CPU)
         for s in range(p):
             ids = topk_ids[s].to("cpu", torch.int64)
             n = ids.shape[0]
@@ -129,9 +134,9 @@ def combine_reference(*, ys: Sequence[torch.Tensor], topk_ids: Sequence[torch.Te
     for s in range(p):
         ids = topk_ids[s].to("cpu", torch.int64)
         n = ids.shape[0]
-        acc = torch.zeros((n, hidden), dtype=torch.float32)
+        acc = torch.zeros((n, hidden), dtype=torch.float32, device=_CPU)
         if n:
-            targets = torch.zeros((n, p), dtype=torch.bool)
+            targets = torch.zeros((n, p), dtype=torch.bool, device=_CPU)
             targets.scatter_(1, owner[ids], True)
             for r in range(p):
                 acc[targets[:, r]] += y3[r][s, :n][targets[:, r]]
@@ -210,7 +215,7 @@ class ReferenceAllToAll:
         """All-gather ``[T, ...]`` tensors padded to ``[m, ...]`` as raw bytes."""
         width = row_bytes(t)
         raw = t.detach().to("cpu").contiguous().view(torch.uint8).reshape(t.shape[0], width)
-        padded = torch.zeros((m, width), dtype=torch.uint8)
+        padded = torch.zeros((m, width), dtype=torch.uint8, device=_CPU)
         padded[: raw.shape[0]] = raw
         gathered = [torch.empty_like(padded) for _ in range(self.spec.ep_size)]
         self._dist.all_gather(gathered, padded, group=self.group)
@@ -230,8 +235,8 @@ class ReferenceAllToAll:
         if self.check_expert_ids:
             check_expert_ids_in_range(topk_ids, self.spec.num_experts)
         p, k = self.spec.ep_size, self.spec.top_k
-        counts = torch.tensor([topk_ids.shape[0]], dtype=torch.int64)
-        all_counts = [torch.zeros(1, dtype=torch.int64) for _ in range(p)]
+        counts = torch.tensor([topk_ids.shape[0]], dtype=torch.int64, device=_CPU)
+        all_counts = [torch.zeros(1, dtype=torch.int64, device=_CPU) for _ in range(p)]
         self._dist.all_gather(all_counts, counts, group=self.group)
         n = [int(c) for c in all_counts]
 
@@ -287,7 +292,7 @@ class ReferenceAllToAll:
         p, m, h = self.spec.ep_size, self._m, self.spec.hidden_size
         gathered = self._all_gather_rows(buffer, p * m)
         ys = [g.view(self.spec.combine_dtype).reshape(p * m, h) for g in gathered]
-        all_ids = [torch.zeros((0, self.spec.top_k), dtype=torch.int32)] * p
+        all_ids = [torch.zeros((0, self.spec.top_k), dtype=torch.int32, device=_CPU)] * p
         all_ids[self.rank] = self._topk_ids
         result = combine_reference(ys=ys, topk_ids=all_ids, expert_owner=self.expert_owner,
                                    runtime_max_tokens=m)[self.rank].to(self.device)

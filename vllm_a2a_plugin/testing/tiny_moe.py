@@ -156,14 +156,14 @@ def make_tiny_moe(directory: str | Path, spec: TinyMoESpec = TinyMoESpec()) -> P
 
     directory = Path(directory)
     vocab_size = write_config_and_tokenizer(directory, spec)
-    gen = torch.Generator().manual_seed(spec.seed)
+    gen = torch.Generator(device="cpu").manual_seed(spec.seed)
     tensors = {}
     for name, shape in tensor_shapes(spec, vocab_size).items():
         if name.endswith("norm.weight"):
-            tensors[name] = torch.ones(shape, dtype=torch.bfloat16)
+            tensors[name] = torch.ones(shape, dtype=torch.bfloat16, device="cpu")
         else:
             fan_in = shape[-1]
-            tensors[name] = (torch.randn(shape, generator=gen) / fan_in ** 0.5).to(torch.bfloat16)
+            tensors[name] = (torch.randn(shape, generator=gen, dtype=torch.float32, device="cpu") / fan_in ** 0.5).to(torch.bfloat16)
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
     (directory / "tiny_moe_spec.json").write_text(json.dumps(asdict(spec), indent=1))
     return directory
