@@ -38,22 +38,36 @@ def _skip_reason() -> str | None:
     return None
 
 
-def _init(rank: int, world_size: int) -> None:
+def _init(rank: int, world_size: int, mode: str = "symmetric") -> None:
+    """``symmetric``: one GPU per rank, NCCL group. ``cuda_ipc_one_gpu``: every rank
+    on GPU 0, a gloo group, workspaces shared through CUDA IPC (tests/test_ipc_one_gpu.py)."""
     import torch.distributed as dist
 
-    device = torch.device("cuda", rank)
-    torch.cuda.set_device(device)
-    dist.init_process_group("nccl", rank=rank, world_size=world_size, device_id=device)
+    if mode == "symmetric":
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", rank=rank, world_size=world_size, device_id=device)
+    else:
+        torch.cuda.set_device(0)
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
 
 
-def _rank_correctness(rank, world_size, port, cases, rounds):
+def _workspace(spec, mode: str):
     import torch.distributed as dist
 
-    from vllm_a2a_plugin import A2AConfig, AllToAllSpec, OneSidedAllToAll, Workspace
+    from vllm_a2a_plugin import Workspace
+
+    if mode == "symmetric":
+        return Workspace.allocate_symmetric(spec, dist.group.WORLD)
+    return Workspace.allocate_cuda_ipc(spec, dist.group.WORLD)
+
+
+def _rank_correctness(rank, world_size, port, cases, rounds, mode="symmetric"):
+    from vllm_a2a_plugin import A2AConfig, AllToAllSpec, OneSidedAllToAll
     from vllm_a2a_plugin.padding import linear_expert_owner
     from vllm_a2a_plugin.reference import combine_reference, dispatch_reference
 
-    _init(rank, world_size)
+    _init(rank, world_size, mode)
     for dtype, top_k, experts in cases:
         hidden = 7168 if dtype == torch.float8_e4m3fn else 2048
         scale_cols = hidden // 128 if dtype == torch.float8_e4m3fn else 0
@@ -61,7 +75,7 @@ def _rank_correctness(rank, world_size, port, cases, rounds):
                             top_k=top_k, num_experts=experts, dispatch_dtype=dtype,
                             scale_cols=scale_cols,
                             combine_dtype=torch.bfloat16 if dtype == torch.float8_e4m3fn else dtype)
-        a2a = OneSidedAllToAll(Workspace.allocate_symmetric(spec, dist.group.WORLD), rank,
+        a2a = OneSidedAllToAll(_workspace(spec, mode), rank,
                                config=A2AConfig(timeout_s=10.0))
         owner = linear_expert_owner(experts, world_size)
         for step in range(rounds):
@@ -96,16 +110,14 @@ def _rank_correctness(rank, world_size, port, cases, rounds):
         a2a.workspace.release()
 
 
-def _rank_timeout(rank, world_size, port):
-    import torch.distributed as dist
-
-    from vllm_a2a_plugin import A2AConfig, AllToAllSpec, OneSidedAllToAll, Workspace
+def _rank_timeout(rank, world_size, port, mode="symmetric"):
+    from vllm_a2a_plugin import A2AConfig, AllToAllSpec, OneSidedAllToAll
     from vllm_a2a_plugin.errors import A2ATimeoutError
 
-    _init(rank, world_size)
+    _init(rank, world_size, mode)
     spec = AllToAllSpec(ep_size=world_size, max_tokens_per_rank=4, hidden_size=128, top_k=1,
                         num_experts=world_size)
-    a2a = OneSidedAllToAll(Workspace.allocate_symmetric(spec, dist.group.WORLD), rank,
+    a2a = OneSidedAllToAll(_workspace(spec, mode), rank,
                            config=A2AConfig(timeout_s=1.0))
     if rank == world_size - 1:
         return  # this rank "dies": it never dispatches
@@ -119,22 +131,22 @@ def _rank_timeout(rank, world_size, port):
     assert info.value.phase == "dispatch"
 
 
-def _rank_graph_replay(rank, world_size, port):
+def _rank_graph_replay(rank, world_size, port, mode="symmetric"):
     """One dispatch + combine captured in a CUDA graph, replayed with new inputs
     copied into its static tensors, checked after every replay."""
     import torch.distributed as dist
 
-    from vllm_a2a_plugin import A2AConfig, AllToAllSpec, OneSidedAllToAll, Workspace
+    from vllm_a2a_plugin import A2AConfig, AllToAllSpec, OneSidedAllToAll
     from vllm_a2a_plugin.padding import linear_expert_owner
     from vllm_a2a_plugin.reference import combine_reference, dispatch_reference
 
-    _init(rank, world_size)
+    _init(rank, world_size, mode)
     experts, hidden = 64, 256
     owner = linear_expert_owner(experts, world_size)
     top_k, n = 4, 24  # fixed shapes for the graph: every rank sends n tokens
     spec = AllToAllSpec(ep_size=world_size, max_tokens_per_rank=n, hidden_size=hidden,
                         top_k=top_k, num_experts=experts)
-    a2a = OneSidedAllToAll(Workspace.allocate_symmetric(spec, dist.group.WORLD), rank,
+    a2a = OneSidedAllToAll(_workspace(spec, mode), rank,
                            config=A2AConfig(timeout_s=20.0, check_expert_ids=False))
     x = torch.empty((n, hidden), dtype=torch.bfloat16, device="cuda")
     ids_in = torch.zeros((n, top_k), dtype=torch.int32, device="cuda")

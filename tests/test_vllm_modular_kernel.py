@@ -12,6 +12,7 @@ experts that leave the top-k reduction to finalize.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -24,20 +25,21 @@ NUM_EXPERTS, TOP_K, HIDDEN, INTER = 8, 3, 64, 32
 
 def _weights():
     gen = torch.Generator().manual_seed(1234)
-    w1 = torch.randn((NUM_EXPERTS, 2 * INTER, HIDDEN), generator=gen) / HIDDEN ** 0.5
-    w2 = torch.randn((NUM_EXPERTS, HIDDEN, INTER), generator=gen) / INTER ** 0.5
+    w1 = torch.randn((NUM_EXPERTS, 2 * INTER, HIDDEN), generator=gen, dtype=torch.float32) / HIDDEN ** 0.5
+    w2 = torch.randn((NUM_EXPERTS, HIDDEN, INTER), generator=gen, dtype=torch.float32) / INTER ** 0.5
     return w1, w2
 
 
 def _tokens(rank: int, count: int, top_k: int):
     gen = torch.Generator().manual_seed(100 + rank)
-    x = torch.randn((count, HIDDEN), generator=gen)
-    scores = torch.rand((count, NUM_EXPERTS), generator=gen)
+    x = torch.randn((count, HIDDEN), generator=gen, dtype=torch.float32)
+    scores = torch.rand((count, NUM_EXPERTS), generator=gen, dtype=torch.float32)
     weights, ids = scores.softmax(dim=-1).topk(top_k, dim=-1)
     return x, weights.float(), ids.to(torch.int32)
 
 
-def _rank_main(rank, world_size, port, experts_kind, counts, apply_on_input, top_k):
+def _rank_main(rank, world_size, port, experts_kind, counts, apply_on_input, top_k,
+               foreign_defaults=False):
     os.environ["VLLM_TARGET_DEVICE"] = "cpu"
     from vllm.plugins import load_general_plugins
 
@@ -76,8 +78,15 @@ def _rank_main(rank, world_size, port, experts_kind, counts, apply_on_input, top
             num_logical_experts=NUM_EXPERTS, activation=MoEActivation.SILU, device="cpu",
             routing_method=RoutingMethodType.Renormalize, moe_parallel_config=moe_parallel,
             in_dtype=torch.float32, max_num_tokens=64)
-        prepare_finalize = maybe_make_prepare_finalize(moe, FUSED_MOE_UNQUANTIZED_CONFIG,
-                                                       allow_new_interface=True)
+        # A caller's defaults must not leak into our tensors: vLLM builds models
+        # under `with torch.device("cuda")`; on CPU the meta device shows any
+        # allocation that forgot its device (it would hold no data).
+        construction = torch.device("meta") if foreign_defaults else contextlib.nullcontext()
+        if foreign_defaults:
+            torch.set_default_dtype(torch.float64)
+        with construction:
+            prepare_finalize = maybe_make_prepare_finalize(moe, FUSED_MOE_UNQUANTIZED_CONFIG,
+                                                           allow_new_interface=True)
         assert isinstance(prepare_finalize, OneSidedPrepareAndFinalize)
         experts_cls = ReducingTorchExperts if experts_kind == "reducing" else UnreducedTorchExperts
         kernel = mk.FusedMoEKernel(prepare_finalize,
@@ -107,6 +116,12 @@ def _rank_main(rank, world_size, port, experts_kind, counts, apply_on_input, top
 @pytest.mark.parametrize("experts_kind", ["reducing", "unreduced"])
 def test_modular_kernel_matches_dense_moe_two_ranks(experts_kind):
     run_ranks(_rank_main, 2, experts_kind, [5, 0], False, TOP_K)
+
+
+@pytest.mark.slow
+def test_modular_kernel_under_foreign_default_device_and_dtype():
+    """Built under `with torch.device("meta")`, run with float64 as the default dtype."""
+    run_ranks(_rank_main, 2, "unreduced", [4, 0], False, TOP_K, True)
 
 
 @pytest.mark.slow

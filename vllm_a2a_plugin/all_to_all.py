@@ -110,7 +110,8 @@ class OneSidedAllToAll:
             raise A2AInputError(f"expert_owner values must be ranks in [0, {spec.ep_size})")
         self.padding_ids = padding_ids_for_ranks(owner_cpu, spec.ep_size)
         self.padding_id = self.padding_ids[rank]
-        self._expert_owner = owner_cpu.to(torch.int32).to(self.device)
+        self.expert_owner_cpu = owner_cpu.to(torch.int32)
+        self._expert_owner = self.expert_owner_cpu.to(self.device)
         self._pad_ids = torch.tensor(self.padding_ids, dtype=torch.int32, device=self.device)
         self._sm_count = torch.cuda.get_device_properties(self.device).multi_processor_count
         most = ops.max_threads_per_block(self.device.index or 0)

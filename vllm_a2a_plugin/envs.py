@@ -35,3 +35,16 @@ def extension_build_dir() -> str | None:
 def jit_verbose() -> bool:
     """``VLLM_A2A_JIT_VERBOSE``: print the compiler's output during a JIT build."""
     return os.environ.get("VLLM_A2A_JIT_VERBOSE", "") not in ("", "0")
+
+
+def workspace_allocation() -> str:
+    """``VLLM_A2A_WORKSPACE``: ``auto`` (default), ``symmetric`` or ``cuda_ipc``.
+
+    ``auto`` uses torch symmetric memory when every EP rank has its own GPU and
+    falls back to CUDA IPC when ranks share one or symmetric memory fails.
+    """
+    raw = (os.environ.get("VLLM_A2A_WORKSPACE") or "auto").strip().lower()
+    if raw not in ("auto", "symmetric", "cuda_ipc"):
+        raise ValueError(
+            f"VLLM_A2A_WORKSPACE must be auto, symmetric or cuda_ipc, got {raw!r}")
+    return raw

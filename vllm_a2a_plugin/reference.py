@@ -202,7 +202,7 @@ class ReferenceAllToAll:
         self.device = torch.device(device)
         owner = expert_owner if expert_owner is not None else linear_expert_owner(
             spec.num_experts, spec.ep_size)
-        self.expert_owner = owner.to("cpu", torch.int32)
+        self.expert_owner = self.expert_owner_cpu = owner.to("cpu", torch.int32)
         self.padding_ids = padding_ids_for_ranks(self.expert_owner, spec.ep_size)
         self.padding_id = self.padding_ids[self.rank]
         self.check_expert_ids = check_expert_ids

@@ -5,11 +5,17 @@ Size first: :class:`AllToAllSpec` says what one step may carry; the C++ layout
 into offsets; :class:`Workspace` allocates one buffer per rank and the table of
 peer addresses the kernels write through.
 
-Two allocations, same layout (design §8):
+Three allocations, same layout (design §8):
   * :meth:`Workspace.allocate_local`: all ``ep_size`` ranks live in this process
     on one GPU (tests, benchmarks on one GPU);
   * :meth:`Workspace.allocate_symmetric`: one rank per process, buffers from
-    torch symmetric memory so peers map each other's workspaces.
+    torch symmetric memory so peers map each other's workspaces;
+  * :meth:`Workspace.allocate_cuda_ipc`: one rank per process, each buffer an
+    ordinary CUDA allocation whose IPC handle torch exports (its own CUDA
+    tensor sharing) and every peer opens. It works where symmetric memory does
+    not: several ranks on one GPU (symmetric memory refuses overlapping
+    devices) and containers that lack the rights symmetric memory needs to
+    exchange handles.
 """
 
 from __future__ import annotations
@@ -164,15 +170,16 @@ class Workspace:
         peer_ptrs: ``[ep_size]`` device addresses of every rank's workspace as
             this process sees them (same layout everywhere).
         buffers: ``{rank: uint8 tensor [layout.total_bytes]}`` for local ranks.
-        symmetric_handle: torch symmetric-memory handle when allocated across
-            processes (keeps the mapping alive).
+        peer_mappings: what keeps peers' mappings alive when allocated
+            across processes: torch's symmetric-memory handle, or the peers'
+            opened CUDA IPC tensors (``{rank: tensor}``).
     """
 
     spec: AllToAllSpec
     layout: WorkspaceLayout
     peer_ptrs: list[int]
     buffers: dict[int, torch.Tensor]
-    symmetric_handle: object | None = None
+    peer_mappings: object | None = None
     group: object | None = field(default=None, repr=False)
 
     @property
@@ -227,6 +234,46 @@ class Workspace:
             raise RuntimeError("symmetric memory mapped this rank's buffer at another address")
         return cls(spec, layout, peer_ptrs, {rank: buffer}, handle, group)
 
+    @classmethod
+    def allocate_cuda_ipc(cls, spec: AllToAllSpec, group, device: torch.device | None = None
+                          ) -> "Workspace":
+        """One rank per process; collective over ``group`` (a gloo ProcessGroup).
+
+        Each rank allocates its buffer, zeroes it, and all-gathers the CUDA IPC
+        handle of it (``torch.multiprocessing.reductions``: the same mechanism
+        torch uses to pass CUDA tensors between processes); every rank opens its
+        peers' handles. Ranks may share a GPU. The peers' tensors are kept here:
+        they hold the mappings open, and torch's IPC reference counting keeps an
+        exporter's memory alive until every importer dropped it.
+        """
+        import torch.distributed as dist
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        ops.require_kernels()
+        if dist.get_world_size(group) != spec.ep_size:
+            raise A2AInputError(
+                f"group has {dist.get_world_size(group)} ranks but spec.ep_size is "
+                f"{spec.ep_size}"
+            )
+        device = device or torch.device("cuda", torch.cuda.current_device())
+        rank = dist.get_rank(group)
+        layout = WorkspaceLayout.for_spec(spec)
+        buffer = torch.zeros(layout.total_bytes, dtype=torch.uint8, device=device)
+        # No peer may map (and signal into) a buffer whose zeroing is still queued.
+        torch.cuda.synchronize(device)
+        rebuild, args = reduce_tensor(buffer)
+        handles: list = [None] * spec.ep_size
+        dist.all_gather_object(handles, args, group=group)
+        peers: dict[int, torch.Tensor] = {}
+        with torch.cuda.device(device):
+            for peer, peer_args in enumerate(handles):
+                if peer != rank:
+                    peers[peer] = rebuild(*peer_args)
+        peer_ptrs = [buffer.data_ptr() if r == rank else peers[r].data_ptr()
+                     for r in range(spec.ep_size)]
+        dist.barrier(group=group)  # every rank mapped every peer before anyone signals
+        return cls(spec, layout, peer_ptrs, {rank: buffer}, peers, group)
+
     def buffer(self, rank: int) -> torch.Tensor:
         try:
             return self.buffers[rank]
@@ -252,4 +299,4 @@ class Workspace:
         """Drop the buffers (the memory returns to torch's allocator)."""
         self.buffers.clear()
         self.peer_ptrs = []
-        self.symmetric_handle = None
+        self.peer_mappings = None

@@ -1,0 +1,203 @@
+"""``AllToAllPool``: the EP group's all-to-alls, shared by every engine adapter.
+
+One pool per EP group per process. Each MoE layer asks it for an all-to-all
+that fits the layer (:meth:`AllToAllPool.all_to_all`); layers of the same shape
+share one workspace, because layers run one after another and each dispatch is
+followed by its combine. The vLLM manager and the SGLang dispatcher are thin
+adapters over this class: engine code never allocates workspaces itself.
+
+Where the workspaces live:
+  * CUDA, one GPU per rank: torch symmetric memory;
+  * CUDA, several ranks sharing a GPU (symmetric memory refuses overlapping
+    devices), or symmetric memory failing to rendezvous (some containers lack
+    the rights to exchange its handles): CUDA IPC handles exported through
+    torch (:meth:`Workspace.allocate_cuda_ipc`);
+  * CPU: :class:`~vllm_a2a_plugin.reference.ReferenceAllToAll`, the kernels'
+    semantics over the group's gloo collectives.
+
+``VLLM_A2A_WORKSPACE`` (``auto``, ``symmetric``, ``cuda_ipc``) forces a path.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import torch
+
+from vllm_a2a_plugin import envs, ops
+from vllm_a2a_plugin.all_to_all import OneSidedAllToAll
+from vllm_a2a_plugin.config import A2AConfig
+from vllm_a2a_plugin.errors import A2AInputError
+from vllm_a2a_plugin.reference import ReferenceAllToAll
+from vllm_a2a_plugin.workspace import AllToAllSpec, Workspace
+
+logger = logging.getLogger(__name__)
+
+
+
+def _shape_key(spec: AllToAllSpec) -> tuple:
+    """What must match for two layers to share a workspace (all but capacity)."""
+    return (spec.hidden_size, spec.top_k, spec.num_experts, spec.dispatch_dtype,
+            spec.scale_cols, spec.extra_payload_row_bytes, spec.combine_dtype)
+
+
+class AllToAllPool:
+    """Creates, reuses, grows and frees one EP group's all-to-alls.
+
+    Args:
+        cpu_group: the EP group's CPU (gloo) process group; every collective of
+            allocation runs on it.
+        device: this rank's device (CUDA: our kernels; CPU: the reference).
+        config: launch and safety settings of every all-to-all handed out.
+
+    Attributes:
+        allocation: how workspaces were allocated: ``"symmetric"``,
+            ``"cuda_ipc"``, ``"reference"``, or None before the first one.
+    """
+
+    def __init__(self, cpu_group, *, device: torch.device | str,
+                 config: A2AConfig | None = None):
+        import torch.distributed as dist
+
+        self.cpu_group = cpu_group
+        self.rank = dist.get_rank(cpu_group)
+        self.world_size = dist.get_world_size(cpu_group)
+        self.device = torch.device(device)
+        self.use_kernels = self.device.type == "cuda"
+        if self.use_kernels:
+            ops.require_kernels()
+            if self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
+        self.config = config or A2AConfig()
+        self.allocation: str | None = None if self.use_kernels else "reference"
+        self._all_to_alls: dict[tuple, tuple[AllToAllSpec, object]] = {}
+
+    def all_to_all(self, spec: AllToAllSpec, *, expert_owner: torch.Tensor | None = None):
+        """The all-to-all for ``spec``: created once, reused, grown when a layer
+        needs more tokens. Every EP rank calls this in the same order (same
+        model), so collective (re)allocation stays in step.
+
+        Args:
+            spec: the layer's shape; ``spec.ep_size`` must be the group's size.
+            expert_owner: ``[num_experts]`` int32 rank of every expert (default:
+                linear placement); layers sharing a shape must share it.
+
+        Returns:
+            :class:`OneSidedAllToAll` (CUDA) or :class:`ReferenceAllToAll` (CPU).
+        """
+        if spec.ep_size != self.world_size:
+            raise A2AInputError(
+                f"layer asks for ep_size {spec.ep_size} but this EP group has "
+                f"{self.world_size} ranks")
+        key = _shape_key(spec)
+        existing = self._all_to_alls.get(key)
+        if existing is not None:
+            old_spec, a2a = existing
+            if a2a.rank != self.rank:
+                raise A2AInputError(
+                    f"cached all-to-all belongs to EP rank {a2a.rank}, this is rank {self.rank}")
+            if expert_owner is not None and not torch.equal(
+                    expert_owner.to("cpu", torch.int32), a2a.expert_owner_cpu):
+                raise A2AInputError(
+                    "two layers of one shape route experts to different ranks; a2a_one_sided "
+                    "shares one workspace (and owner table) per layer shape")
+            if spec.max_tokens_per_rank <= old_spec.max_tokens_per_rank:
+                return a2a
+            spec = replace(spec, max_tokens_per_rank=max(spec.max_tokens_per_rank,
+                                                         old_spec.max_tokens_per_rank))
+            self._release(key)
+        a2a = self._create(spec, expert_owner)
+        self._all_to_alls[key] = (spec, a2a)
+        return a2a
+
+    def _create(self, spec: AllToAllSpec, expert_owner: torch.Tensor | None):
+        if not self.use_kernels:
+            return ReferenceAllToAll(spec, self.cpu_group, expert_owner=expert_owner,
+                                     device=self.device,
+                                     check_expert_ids=self.config.check_expert_ids)
+        workspace = self._allocate(spec)
+        logger.info(
+            "a2a_one_sided workspace (%s): %.1f MiB per rank (ep_size=%d, "
+            "max_tokens_per_rank=%d, hidden=%d, top_k=%d, dispatch %s, combine %s)",
+            self.allocation, workspace.nbytes_per_rank() / 2**20, spec.ep_size,
+            spec.max_tokens_per_rank, spec.hidden_size, spec.top_k, spec.dispatch_dtype,
+            spec.combine_dtype)
+        return OneSidedAllToAll(workspace, self.rank, expert_owner=expert_owner,
+                                config=self.config)
+
+    def _allocate(self, spec: AllToAllSpec) -> Workspace:
+        """Allocate on the path chosen at the first allocation (the same on all ranks)."""
+        if self.allocation is None:
+            path, may_fall_back = self._choose_allocation()
+            workspace = None
+            if path == "symmetric" and may_fall_back:
+                workspace = self._try_symmetric(spec)
+                path = "symmetric" if workspace is not None else "cuda_ipc"
+            self.allocation = path
+            logger.info("a2a_one_sided: workspaces use %s allocation", path)
+            if workspace is not None:
+                return workspace
+        if self.allocation == "symmetric":
+            return Workspace.allocate_symmetric(spec, self.cpu_group, self.device)
+        return Workspace.allocate_cuda_ipc(spec, self.cpu_group, self.device)
+
+    def _choose_allocation(self) -> tuple[str, bool]:
+        """(path, whether a failing symmetric rendezvous may fall back to CUDA IPC).
+
+        ``VLLM_A2A_WORKSPACE`` set to a path forces it, failures included.
+        """
+        import torch.distributed as dist
+
+        forced = envs.workspace_allocation()
+        if forced != "auto":
+            return forced, False
+        uuids: list = [None] * self.world_size
+        dist.all_gather_object(uuids, str(torch.cuda.get_device_properties(self.device).uuid),
+                               group=self.cpu_group)
+        if len(set(uuids)) < len(uuids):
+            logger.info("a2a_one_sided: EP ranks share a GPU; torch symmetric memory refuses "
+                        "that, so workspaces use CUDA IPC")
+            return "cuda_ipc", False
+        return "symmetric", True
+
+    def _try_symmetric(self, spec: AllToAllSpec) -> Workspace | None:
+        """Symmetric memory, or None on every rank when any rank failed to get it."""
+        import torch.distributed as dist
+
+        workspace, failure = None, ""
+        try:
+            workspace = Workspace.allocate_symmetric(spec, self.cpu_group, self.device)
+        except Exception as exc:  # noqa: BLE001 - reported, then the IPC path is used
+            failure = f"{type(exc).__name__}: {exc}"
+        failures: list = [None] * self.world_size
+        dist.all_gather_object(failures, failure, group=self.cpu_group)
+        failed = {rank: why for rank, why in enumerate(failures) if why}
+        if not failed:
+            return workspace
+        if workspace is not None:
+            workspace.release()
+        logger.warning("a2a_one_sided: torch symmetric memory failed on rank(s) %s (%s); "
+                       "falling back to CUDA IPC workspaces", sorted(failed),
+                       next(iter(failed.values())))
+        return None
+
+    def _release(self, key) -> None:
+        _, a2a = self._all_to_alls.pop(key)
+        if isinstance(a2a, OneSidedAllToAll):
+            import torch.distributed as dist
+
+            # Combine pulls partial results from peers' workspaces after our own
+            # combine may have finished: free only once every rank's work is done.
+            torch.cuda.synchronize(self.device)
+            dist.barrier(group=self.cpu_group)
+            a2a.workspace.release()
+
+    def destroy(self) -> None:
+        """Free every workspace (collective: every rank calls it)."""
+        for key in list(self._all_to_alls):
+            self._release(key)
+
+    def all_to_alls(self) -> list:
+        """Every all-to-all handed out so far (for counters and tests)."""
+        return [a2a for _, a2a in self._all_to_alls.values()]
