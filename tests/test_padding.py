@@ -77,7 +77,18 @@ def test_owner_tables_and_padding_ids_agree_with_maps():
     maps = [linear_map(16, 4, r) for r in range(4)]
     assert torch.equal(expert_owner_from_maps(maps), owner)
     assert padding_ids_for_ranks(owner, 4) == [padding_expert_id(m, 16) for m in maps]
-    with pytest.raises(A2AInputError, match=r"num_experts \(10\) must be divisible by ep_size \(4\)"):
-        linear_expert_owner(10, 4)
+    with pytest.raises(A2AInputError, match=r"num_experts \(3\) must be at least ep_size \(4\)"):
+        linear_expert_owner(3, 4)
     with pytest.raises(A2AInputError, match="owned by 2 ranks"):
         expert_owner_from_maps([torch.tensor([0, -1]), torch.tensor([0, 0])])
+
+
+@pytest.mark.parametrize("experts,ranks", [(10, 4), (60, 8), (256, 6), (7, 7), (9, 2)])
+def test_uneven_linear_placement_gives_the_first_ranks_one_more(experts, ranks):
+    owner = linear_expert_owner(experts, ranks)
+    counts = torch.bincount(owner.to(torch.int64), minlength=ranks).tolist()
+    base, extra = divmod(experts, ranks)
+    assert counts == [base + 1] * extra + [base] * (ranks - extra)
+    assert torch.equal(owner, owner.sort().values)  # contiguous blocks
+    pads = padding_ids_for_ranks(owner, ranks)
+    assert all(int(owner[p]) != r for r, p in enumerate(pads))

@@ -51,6 +51,7 @@ def _rank_main(rank, world_size, port, experts_kind, counts, apply_on_input, top
     from vllm.model_executor.layers.fused_moe import modular_kernel as mk
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
     from vllm.model_executor.layers.fused_moe.all2all_utils import maybe_make_prepare_finalize
+    from vllm.model_executor.layers.fused_moe.expert_map_manager import determine_expert_map
     from vllm.model_executor.layers.fused_moe.config import (
         FUSED_MOE_UNQUANTIZED_CONFIG, FusedMoEConfig, FusedMoEParallelConfig,
         RoutingMethodType)
@@ -71,7 +72,8 @@ def _rank_main(rank, world_size, port, experts_kind, counts, apply_on_input, top
 
         moe_parallel = FusedMoEParallelConfig.make(1, 1, world_size, 1, parallel)
         assert moe_parallel.use_all2all_kernels and moe_parallel.ep_size == world_size
-        per_rank = NUM_EXPERTS // world_size
+        # vLLM's own placement: with 3 ranks, 8 experts split 3, 3, 2.
+        per_rank, expert_map, _ = determine_expert_map(world_size, rank, NUM_EXPERTS, "linear")
         moe = FusedMoEConfig(
             num_experts=NUM_EXPERTS, experts_per_token=top_k, hidden_dim=HIDDEN,
             intermediate_size=INTER, num_local_experts=per_rank,
@@ -93,9 +95,7 @@ def _rank_main(rank, world_size, port, experts_kind, counts, apply_on_input, top
                                    experts_cls(moe, FUSED_MOE_UNQUANTIZED_CONFIG))
 
         w1, w2 = _weights()
-        local = slice(rank * per_rank, (rank + 1) * per_rank)
-        expert_map = torch.full((NUM_EXPERTS,), -1, dtype=torch.int32)
-        expert_map[local] = torch.arange(per_rank, dtype=torch.int32)
+        local = torch.nonzero(expert_map != -1).flatten()
         for step in range(2):  # twice: the workspace is reused
             x, weights, ids = _tokens(rank + 10 * step, counts[rank], top_k)
             out = kernel.apply(x, w1[local], w2[local], weights, ids, MoEActivation.SILU,
@@ -116,6 +116,12 @@ def _rank_main(rank, world_size, port, experts_kind, counts, apply_on_input, top
 @pytest.mark.parametrize("experts_kind", ["reducing", "unreduced"])
 def test_modular_kernel_matches_dense_moe_two_ranks(experts_kind):
     run_ranks(_rank_main, 2, experts_kind, [5, 0], False, TOP_K)
+
+
+@pytest.mark.slow
+def test_modular_kernel_three_ranks_uneven_expert_split():
+    """8 experts on 3 EP ranks: vLLM places 3, 3, 2; tokens must reach their owners."""
+    run_ranks(_rank_main, 3, "reducing", [2, 0, 5], False, TOP_K)
 
 
 @pytest.mark.slow

@@ -50,17 +50,23 @@ def padding_expert_id(expert_map: torch.Tensor | None, num_experts: int) -> int:
 def linear_expert_owner(num_experts: int, ep_size: int) -> torch.Tensor:
     """``[num_experts]`` int32 owner table of vLLM's "linear" placement.
 
-    Expert ``e`` lives on rank ``e // (num_experts // ep_size)`` (design §4;
-    EPLB physical ids follow the same rule).
+    Contiguous blocks of ``E // P`` experts per rank, the first ``E % P`` ranks
+    holding one more (vLLM's ``determine_expert_map``: e.g. 60 experts on 8
+    ranks give 8, 8, 8, 8, 7, 7, 7, 7). With ``P`` dividing ``E`` this is
+    ``e // (E / P)`` (design §4); EPLB physical ids follow the same rule.
     """
     if ep_size <= 0:
         raise A2AInputError(f"ep_size ({ep_size}) must be positive")
-    if num_experts % ep_size:
+    if num_experts < ep_size:
         raise A2AInputError(
-            f"num_experts ({num_experts}) must be divisible by ep_size ({ep_size})"
+            f"num_experts ({num_experts}) must be at least ep_size ({ep_size}): every EP "
+            "rank owns at least one expert"
         )
-    per_rank = num_experts // ep_size
-    return torch.arange(num_experts, dtype=torch.int32, device="cpu") // per_rank
+    base, extra = divmod(num_experts, ep_size)
+    counts = torch.tensor([base + (r < extra) for r in range(ep_size)], dtype=torch.int64,
+                          device="cpu")
+    ranks = torch.arange(ep_size, dtype=torch.int32, device="cpu")
+    return torch.repeat_interleave(ranks, counts)
 
 
 def expert_owner_from_maps(expert_maps: list[torch.Tensor]) -> torch.Tensor:

@@ -25,7 +25,7 @@ from vllm.model_executor.layers.fused_moe.topk_weight_and_reduce import (
 from vllm.model_executor.layers.fused_moe.utils import moe_kernel_quantize_input
 
 from vllm_a2a_plugin.errors import A2AInputError
-from vllm_a2a_plugin.padding import linear_expert_owner, padding_expert_id
+from vllm_a2a_plugin.padding import expert_owner_from_maps, padding_expert_id
 from vllm_a2a_plugin.validation import is_capturing
 from vllm_a2a_plugin.workspace import AllToAllSpec
 
@@ -72,6 +72,26 @@ def dispatch_layout(hidden: int, quant_config: FusedMoEQuantConfig | None,
         f"a2a_one_sided dispatches bf16/fp16 or fp8 (per-token, per-tensor, 1x128 blocks) "
         f"activations; got quant_dtype={quant_dtype!r}")
 
+
+
+def vllm_expert_owner(num_experts: int, ep_size: int) -> torch.Tensor:
+    """``[num_experts]`` int32 EP rank of every (physical) expert, as vLLM places them.
+
+    Built from vLLM's own ``determine_expert_map`` for every rank, so uneven
+    splits (``E % EP`` extra experts on the first ranks) and EPLB's physical ids
+    route exactly where vLLM put the weights. vLLM falls back to linear
+    placement for every all2all backend that needs no round-robin routing
+    tables (``determine_expert_placement_strategy``), ours included.
+    """
+    from vllm.model_executor.layers.fused_moe.expert_map_manager import determine_expert_map
+
+    if ep_size == 1:
+        return torch.zeros(num_experts, dtype=torch.int32, device="cpu")
+    # determine_expert_map allocates on the default device; ours is a host table.
+    with torch.device("cpu"):
+        maps = [determine_expert_map(ep_size, rank, num_experts, "linear")[1]
+                for rank in range(ep_size)]
+    return expert_owner_from_maps(maps)
 
 
 def quantize_for_dispatch(a1: torch.Tensor, quant_config: FusedMoEQuantConfig
@@ -138,7 +158,7 @@ class OneSidedPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
             ep_size=self.manager.world_size, max_tokens_per_rank=self.max_tokens_per_rank,
             hidden_size=moe.hidden_dim, top_k=moe.experts_per_token, num_experts=moe.num_experts,
             dispatch_dtype=dispatch_dtype, scale_cols=scale_cols, combine_dtype=combine_dtype)
-        self.expert_owner = linear_expert_owner(moe.num_experts, self.manager.world_size)
+        self.expert_owner = vllm_expert_owner(moe.num_experts, self.manager.world_size)
         self.all_to_all = self.manager.all_to_all(self.spec, expert_owner=self.expert_owner)
 
     def post_init_setup(self, fused_experts) -> None:
@@ -206,7 +226,9 @@ class OneSidedPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
             raise A2AInputError(
                 f"EP rank {rank}: vLLM's expert_map places experts "
                 f"{torch.nonzero(local_by_map).flatten().tolist()[:8]}... here, but a2a_one_sided "
-                "routes by linear placement; use --expert-placement-strategy linear")
+                "routes by vLLM's linear placement "
+                f"{torch.nonzero(local_by_owner).flatten().tolist()[:8]}...; use "
+                "--expert-placement-strategy linear")
         pad = padding_expert_id(expert_map, self.num_experts)
         if pad != self.all_to_all.padding_id:
             raise A2AInputError(
