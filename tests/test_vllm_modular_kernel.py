@@ -109,6 +109,12 @@ def _rank_main(rank, world_size, port, experts_kind, counts, apply_on_input, top
                     dense[t] += (y[0] if apply_on_input else weights[t, k] * y[0])
             assert out.shape == x.shape
             torch.testing.assert_close(out, dense, rtol=1e-4, atol=1e-5)
+        from vllm_a2a_plugin.vllm.manager import ep_round_counts
+
+        counts = ep_round_counts()
+        assert counts == {"dp_rank": rank, "ep_rank": rank, "allocation": "reference",
+                          "all_to_alls": 1, "dispatches": 2, "combines": 2,
+                          "prepare_calls": 2, "finalize_calls": 2}, counts
         manager.destroy()
 
 

@@ -374,6 +374,22 @@ class OneSidedAllToAll:
     def phase(self) -> str:
         return self._phase
 
+    def completed_rounds(self) -> tuple[int, int]:
+        """``(dispatches, combines)`` this rank completed since its workspace was made.
+
+        Read from the epoch counters the kernels keep in the workspace header,
+        so CUDA-graph replays count too (host-side call counters only see the
+        capture). Waits for this rank's queued work: for tests and statistics,
+        not for the hot path.
+        """
+        fields = ops.header_field_offsets()
+        self.synchronize()
+        counters = []
+        for name in ("dispatch_epoch", "combine_epoch"):
+            word = self._buffer[fields[name]:fields[name] + 4].view(torch.int32)
+            counters.append(int(word.item()) & 0xFFFFFFFF)
+        return counters[0], counters[1]
+
 
 def error_from_record(rec: list[int], *, timeout_s: float) -> A2ADeviceError:
     """Turn the kernels' int32 error record into an exception with a plain message."""

@@ -210,6 +210,7 @@ class ReferenceAllToAll:
         self._topk_ids: torch.Tensor | None = None
         self._m = 0
         self._combine_buffer: torch.Tensor | None = None
+        self._completed = [0, 0]  # dispatches, combines
 
     def _all_gather_rows(self, t: torch.Tensor, m: int) -> list[torch.Tensor]:
         """All-gather ``[T, ...]`` tensors padded to ``[m, ...]`` as raw bytes."""
@@ -265,6 +266,7 @@ class ReferenceAllToAll:
         self._m = m
         self._topk_ids = topk_ids
         self._phase = "dispatched"
+        self._completed[0] += 1
         self._combine_buffer = torch.zeros((p * m, self.spec.hidden_size),
                                            dtype=self.spec.combine_dtype, device=self.device)
         moved = {name: getattr(mine, name).to(self.device)
@@ -304,10 +306,15 @@ class ReferenceAllToAll:
             out.copy_(result)
         self._phase = "idle"
         self._topk_ids = None
+        self._completed[1] += 1
         return out
 
     def check_errors(self) -> None:
         """Nothing runs asynchronously here, so nothing can be pending."""
+
+    def completed_rounds(self) -> tuple[int, int]:
+        """``(dispatches, combines)`` completed (see OneSidedAllToAll.completed_rounds)."""
+        return self._completed[0], self._completed[1]
 
     @property
     def phase(self) -> str:

@@ -52,3 +52,33 @@ class OneSidedAll2AllManager(All2AllManagerBase):
     def destroy(self) -> None:
         """Free every workspace (vLLM calls this on shutdown)."""
         self.pool.destroy()
+
+
+def ep_round_counts(_worker=None) -> dict:
+    """This process's a2a_one_sided rounds, for ``LLM.collective_rpc``.
+
+    Returns ``{"dp_rank", "ep_rank", "allocation", "all_to_alls", "dispatches",
+    "combines", "prepare_calls", "finalize_calls"}``: the kernels' device
+    counters summed over every workspace (layers of one shape share one), and
+    the host calls of our prepare/finalize (under CUDA graphs those only count
+    the capture; the device counters count every replay). ``_worker`` is the
+    vLLM worker ``collective_rpc`` passes; unused.
+    """
+    from vllm.distributed.parallel_state import get_dp_group, get_ep_group
+
+    from vllm_a2a_plugin.vllm.prepare_finalize import host_call_counts
+
+    manager = get_ep_group().device_communicator.all2all_manager
+    if not isinstance(manager, OneSidedAll2AllManager):
+        raise RuntimeError(f"the EP group's all2all manager is {type(manager).__name__}, "
+                           "not a2a_one_sided's")
+    counts = {"dp_rank": get_dp_group().rank_in_group, "ep_rank": manager.rank,
+              "allocation": manager.pool.allocation, "all_to_alls": 0, "dispatches": 0,
+              "combines": 0}
+    for a2a in manager.pool.all_to_alls():
+        dispatches, combines = a2a.completed_rounds()
+        counts["all_to_alls"] += 1
+        counts["dispatches"] += dispatches
+        counts["combines"] += combines
+    counts.update(host_call_counts())
+    return counts

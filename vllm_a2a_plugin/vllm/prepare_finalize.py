@@ -33,6 +33,14 @@ logger = logging.getLogger(__name__)
 
 FP8_BLOCK = 128
 
+# Host calls of prepare/finalize in this process (every layer, every step that
+# runs Python: eager steps and CUDA-graph captures, not graph replays).
+_HOST_CALLS = {"prepare_calls": 0, "finalize_calls": 0}
+
+
+def host_call_counts() -> dict[str, int]:
+    return dict(_HOST_CALLS)
+
 
 def dispatch_layout(hidden: int, quant_config: FusedMoEQuantConfig | None,
                     in_dtype: torch.dtype, defer_input_quant: bool
@@ -239,6 +247,7 @@ class OneSidedPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
                 num_experts: int, expert_map: torch.Tensor | None,
                 apply_router_weight_on_input: bool, quant_config: FusedMoEQuantConfig,
                 defer_input_quant: bool = False) -> mk.PrepareResultType:
+        _HOST_CALLS["prepare_calls"] += 1
         if num_experts != self.num_experts:
             raise A2AInputError(f"num_experts {num_experts} != the layer's {self.num_experts}")
         self._check_expert_map(expert_map)
@@ -281,6 +290,7 @@ class OneSidedPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
                  topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                  apply_router_weight_on_input: bool,
                  weight_and_reduce_impl: mk.TopKWeightAndReduce) -> None:
+        _HOST_CALLS["finalize_calls"] += 1
         y = self.all_to_all.combine_input()
         if isinstance(weight_and_reduce_impl, TopKWeightAndReduceDelegate):
             weight_and_reduce_impl = TopKWeightAndReduceContiguous()
