@@ -203,6 +203,8 @@ class OneSidedPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
         """
         from vllm.forward_context import get_forward_context, is_forward_context_available
 
+        if self.spec.ep_size == 1:
+            return num_tokens  # no peer to agree with: move only this step's tokens
         if is_forward_context_available():
             dp_metadata = get_forward_context().dp_metadata
             if dp_metadata is not None and dp_metadata.local_sizes is not None:
@@ -330,9 +332,9 @@ def make_prepare_finalize(moe: FusedMoEConfig, quant_config: FusedMoEQuantConfig
             "a2a_one_sided implements the modular prepare/finalize; the selected MoE "
             "experts are monolithic. Pick another --moe-backend or all2all backend.")
     if all2all_manager is None:
-        from vllm.model_executor.layers.fused_moe.all2all_utils import get_ep_all2all_manager
+        from vllm_a2a_plugin.vllm.manager import ep_manager
 
-        all2all_manager = get_ep_all2all_manager()
+        all2all_manager = ep_manager()
     from vllm.config import get_current_vllm_config_or_none
 
     config = get_current_vllm_config_or_none()
