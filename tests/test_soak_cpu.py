@@ -21,7 +21,6 @@ from benchmarks import soak
 from benchmarks.soak_reference import (EP_SIZES, KINDS, Checker, ReferenceRanks, SoakCase,
                                        generate_round, random_case, random_counts,
                                        random_runtime_max)
-from vllm_a2a_plugin.reference import combine_reference, dispatch_reference
 
 CPU = torch.device("cpu")
 
