@@ -239,6 +239,9 @@ def run_soak(args) -> dict:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     if device.type == "cuda":
+        from vllm_a2a_plugin import ops
+
+        ops.require_kernels()  # a JIT build of the extension is not soak time
         torch.cuda.manual_seed(args.seed)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
@@ -257,6 +260,10 @@ def run_soak(args) -> dict:
                                "mode": modes[(i // (3 * len(EP_SIZES))) % len(modes)]})
             tally.cases += 1
             run_case(case, rng, device, args, tally, deadline, args.rounds)
+            if tally.cases % 25 == 0:
+                print(f"[soak] {time.monotonic() - start:.0f} s: {tally.cases} cases, "
+                      f"{tally.rounds} rounds, {tally.total_mismatches()} mismatches, "
+                      f"{len(tally.failures)} failures", file=sys.stderr, flush=True)
     except Exception as exc:  # noqa: BLE001 - recorded in the result, then re-raised
         error = f"{type(exc).__name__}: {exc}"
         raise
