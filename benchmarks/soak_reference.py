@@ -263,16 +263,18 @@ class Checker:
         """
         p, m = self.case.ep_size, inputs.runtime_max_tokens
 
-        def stacked(name: str) -> torch.Tensor:
-            got = torch.stack([getattr(res, name) for res in results])
+        def stacked_bits(name: str) -> torch.Tensor:
+            """``[P(r), P(s), M, ...]`` raw bits of every rank's ``name`` (integer
+            dtypes stack everywhere; float8 need not)."""
+            got = torch.stack([_bits(getattr(res, name)) for res in results])
             return got.view(p, p, m, *got.shape[2:])
 
         valid = expected.slot_valid[..., None]
-        wrong_ids = (stacked("recv_topk_ids") != expected.topk_ids).sum()
-        wrong_w = (_bits(stacked("recv_topk_weights")) != _bits(expected.topk_weights)).sum()
-        wrong_x = ((_bits(stacked("recv_x")) != _bits(inputs.x)[None]) & valid).sum()
+        wrong_ids = (stacked_bits("recv_topk_ids") != expected.topk_ids).sum()
+        wrong_w = (stacked_bits("recv_topk_weights") != _bits(expected.topk_weights)).sum()
+        wrong_x = ((stacked_bits("recv_x") != _bits(inputs.x)[None]) & valid).sum()
         if inputs.x_scales is not None:
-            wrong_scales = ((_bits(stacked("recv_x_scales")) != _bits(inputs.x_scales)[None])
+            wrong_scales = ((stacked_bits("recv_x_scales") != _bits(inputs.x_scales)[None])
                             & valid).sum()
         else:
             wrong_scales = torch.zeros((), dtype=torch.int64, device=self.device)

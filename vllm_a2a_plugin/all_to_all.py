@@ -462,7 +462,8 @@ class OneSidedAllToAll:
         return self._phase
 
     def completed_rounds(self) -> tuple[int, int]:
-        """``(dispatches, combines)`` this rank completed since its workspace was made.
+        """``(dispatches, combines)`` this rank completed since its workspace was made
+        (or last recovered: :meth:`recover` resets the epochs).
 
         Read from the epoch counters the kernels keep in the workspace header,
         so CUDA-graph replays count too (host-side call counters only see the
