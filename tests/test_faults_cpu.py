@@ -22,7 +22,7 @@ from vllm_a2a_plugin.workspace import AllToAllSpec
 # status, rank, peer, phase, epoch, detail0, detail1, unused
 TIMEOUT = [1, 2, 5, 1, 7, 6, 0, 0]
 MISMATCH = [2, 0, 3, 0, 4, 16, 8, 0]
-BAD_ID = [3, 1, -1, 0, 0, -1, 5, 0]
+BAD_ID = [3, 1, -1, 0, 0, 1 << 20, 5, 0]
 
 
 def test_timeout_message_names_rank_peer_phase_epoch():
@@ -42,14 +42,15 @@ def test_mismatch_message():
 
 
 def test_bad_id_message_says_what_the_kernel_did():
-    """Issue 16: a -1 id skips one slot; the token's other slots were delivered."""
+    """Issue 16: a bad id skips one slot; the token's other slots were delivered.
+    (-1 itself is no longer an error: it marks a slot without an expert.)"""
     err = error_from_record(BAD_ID, timeout_s=1, num_experts=64)
     assert isinstance(err, A2AExpertIdError) and isinstance(err, A2ADeviceError)
     msg = str(err)
-    assert "rank 1 dispatched top-k id -1 for its token 5, outside [0, 64)" in msg
+    assert "rank 1 dispatched top-k id 1048576 for its token 5, outside [0, 64) and not -1" in msg
     assert "skipped that top-k slot" in msg
     assert "other, valid slots were delivered and combined as usual" in msg
-    assert "padding_expert_id" in msg
+    assert "Mark a slot without an expert with -1" in msg
     assert "not sent to any expert" not in msg  # the old, wrong claim
     assert "[0, num_experts)" in str(error_from_record(BAD_ID, timeout_s=1))
 

@@ -210,7 +210,9 @@ def test_ranks_disagree_on_runtime_max_tokens():
     recover_and_check(ranks, gen)
 
 
-@pytest.mark.parametrize("bad_id", [-1, 16, 1 << 20])
+# -1 is not among them: it means "no expert for this slot" (vLLM's padding tokens)
+# and is skipped without an error (tests/test_kernels_gpu.py).
+@pytest.mark.parametrize("bad_id", [-2, 16, 1 << 20])
 @pytest.mark.parametrize("which", ["one_slot", "every_slot"])
 def test_ids_out_of_range_with_the_host_check_off(bad_id, which):
     """Captured in a CUDA graph (no host check can run there, as in vLLM's graphs):

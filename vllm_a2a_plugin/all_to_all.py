@@ -510,13 +510,13 @@ def error_from_record(rec: list[int], *, timeout_s: float,
         valid = f"[0, {num_experts})" if num_experts is not None else "[0, num_experts)"
         return A2AExpertIdError(
             f"a2a_one_sided: rank {rank} dispatched top-k id {rec[_ERR_D0]} for its token "
-            f"{rec[_ERR_D1]}, outside {valid} (the host-side id check was off; only the "
-            "first bad id is recorded). The kernels skipped that top-k slot: no rank "
+            f"{rec[_ERR_D1]}, outside {valid} and not -1 (the host-side id check was off; "
+            "only the first bad id is recorded). The kernels skipped that top-k slot: no rank "
             "received it (every rank's recv_topk_ids holds its padding id there, weight 0) "
             "and combine left it out of the token's sum. The token's other, valid slots "
             "were delivered and combined as usual; a token with no valid slot reached no "
-            "rank and combines to zeros. Pad with vllm_a2a_plugin.padding_expert_id "
-            "(never -1) or enable check_expert_ids." + recovery,
+            "rank and combines to zeros. Mark a slot without an expert with -1 (as vLLM "
+            "does for padding tokens), or enable check_expert_ids." + recovery,
             **fields)
     if status == _STATUS_WRITING:
         return A2ADeviceError(
