@@ -160,13 +160,18 @@ def generate_round(case: SoakCase, counts: Sequence[int], runtime_max_tokens: in
                    ) -> RoundInputs:
     """Random inputs on ``device`` with device-side ops only (CUDA-graph capturable).
 
-    Top-k ids are distinct per token, as routers produce; padding rows beyond a
-    rank's count hold random data too, which the kernels must ignore.
+    Top-k ids are distinct per token, as routers produce, with some slots -1 (no
+    expert); padding rows beyond a rank's count hold random data too, which the
+    kernels must ignore.
     """
     p, m, k, e, h = case.ep_size, runtime_max_tokens, case.top_k, case.num_experts, case.hidden
     device = torch.device(device)
     scores = torch.rand((p, m, e), generator=generator, device=device, dtype=torch.float32)
     topk_ids = scores.topk(k, dim=-1).indices.to(torch.int32)
+    # About 1 slot in 16 is -1, "no expert" (vLLM's routers mark padding tokens'
+    # slots so); the kernels skip such slots and the checker expects them skipped.
+    no_expert = torch.rand((p, m, k), generator=generator, device=device) < 1 / 16
+    topk_ids = torch.where(no_expert, torch.full_like(topk_ids, -1), topk_ids)
     weights = torch.rand((p, m, k), generator=generator, device=device, dtype=torch.float32)
     x = torch.randn((p, m, h), generator=generator, device=device, dtype=torch.float32)
     if case.dtype == "fp8":
