@@ -217,11 +217,14 @@ def test_two_dp_ranks_on_one_gpu_run_our_kernels(tiny_model, tmp_path, graphs, q
     for phase in ("start", "prefill", "generate"):
         assert counts[0][phase] == counts[1][phase], (phase, counts)  # lock step
     assert counts[0]["start"] > 0, counts
-    assert counts[0]["prefill"] in (NUM_MOE_LAYERS, 2 * NUM_MOE_LAYERS), counts
     # Rank 0 needs MAX_TOKENS forward steps; rank 1 joins each with a real or a
-    # dummy batch (async scheduling and the end of a DP wave may add steps).
-    assert (NUM_MOE_LAYERS * MAX_TOKENS <= counts[0]["generate"]
-            <= NUM_MOE_LAYERS * (MAX_TOKENS + 2)), counts
+    # dummy batch. Offline DP engines decide every 16 steps (vLLM's
+    # dp_sync_interval) whether any rank still has work, so a wave runs in
+    # whole blocks of steps, dummy batches on both ranks after the last token
+    # (seen on an H100: 16 steps for the prefill-only and for the 8-token wave).
+    for phase, least_steps in (("prefill", 1), ("generate", MAX_TOKENS)):
+        assert counts[0][phase] % NUM_MOE_LAYERS == 0, counts
+        assert counts[0][phase] >= NUM_MOE_LAYERS * least_steps, counts
     outputs = ranks[0]["outputs"] + ranks[1]["outputs"]
     summary = compare_greedy(outputs, reference["outputs"], LOGPROB_TOL[quantization])
     print("ENGINE_RESULT", json.dumps({"counts": counts, "tokens": summary,
