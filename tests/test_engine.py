@@ -92,7 +92,11 @@ MAX_TOKENS = 8
 # the largest gap at which a differing greedy token still counts as a near-tie:
 # partial sums reduced per EP rank in bf16, then summed in fp32 across ranks, round
 # differently from one fp32 sum over all experts (and Triton picks tiles by M).
-LOGPROB_TOL = {"bf16": 0.05, "fp8": 0.1}
+# fp8 (vLLM's quantization="fp8", dynamic per-tensor activations): each EP rank
+# quantises what it received with one scale, the DP=1 reference its whole batch
+# with another, so the 3-bit-mantissa rounding itself differs (seen on an H100:
+# 0.109 nats at the 8th token of a prompt whose tokens all matched).
+LOGPROB_TOL = {"bf16": 0.05, "fp8": 0.25}
 
 
 def engine_check(model: str, out, *flags: str, env: dict | None = None,
