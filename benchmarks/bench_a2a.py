@@ -216,6 +216,47 @@ def graph_round_trip(dispatch, combine, device, args, nbytes: int, *, before=Non
             {"queued_median_us": round(q_med, 2), "queued_p99_us": round(q_p99, 2)})
 
 
+def empty_structure_graph(ep_size: int, device) -> torch.cuda.CUDAGraph:
+    """The launch structure of our round trip with empty kernels: per rank two
+    kernels (dispatch, combine) on the rank's own stream (forked from and joined
+    to the capture stream when ``ep_size`` > 1, as LocalRanks' concurrent mode
+    does). Its replay time is the floor no kernel work can go below: launch and
+    graph overhead alone. The kernel is torch's ``spin_kernel`` with 0 cycles."""
+    graph = torch.cuda.CUDAGraph()
+    capture = torch.cuda.Stream(device)
+    streams = [torch.cuda.Stream(device) for _ in range(ep_size)] if ep_size > 1 else []
+    capture.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(capture), torch.cuda.graph(graph, stream=capture):
+        if not streams:
+            torch.cuda._sleep(0)
+            torch.cuda._sleep(0)
+        else:
+            for stream in streams:
+                stream.wait_stream(capture)
+                with torch.cuda.stream(stream):
+                    torch.cuda._sleep(0)
+                    torch.cuda._sleep(0)
+            for stream in streams:
+                capture.wait_stream(stream)
+    torch.cuda.current_stream(device).wait_stream(capture)
+    torch.cuda.synchronize(device)
+    return graph
+
+
+def empty_kernel_us(graph: torch.cuda.CUDAGraph, *, iters: int, device) -> float:
+    """Median duration of one empty kernel (profiler), over ``graph``'s replays."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graph.replay()
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            graph.replay()
+        torch.cuda.synchronize(device)
+    durations = [d for n, _, d in _device_kernel_events(prof) if "spin_kernel" in n]
+    return round(stats(durations)[0], 2) if durations else 0.0
+
+
 # Our kernels' names (csrc/dispatch.cu, csrc/combine.cu), as the profiler reports them.
 KERNEL_NAMES = {"dispatch": "dispatch_kernel", "combine": "combine_kernel"}
 _L2_FLUSH_BYTES = 256 << 20  # DeepEP's bench_kineto flush; above any GPU's L2
@@ -337,10 +378,16 @@ def ours_single_process(args, shape, dtype, tokens, kind, ep_size, gen, device):
                            disp_bytes=disp_bytes, comb_bytes=comb_bytes)
         ranks.synchronize()
     graph = None
+    empty = empty_structure_graph(ep_size, device) if {"graph", "kernel"} & set(
+        args.modes.split(",")) else None
     if "graph" in args.modes:
         graph = capture_round_trip(dispatch, combine, device)
-        rows.append(graph_round_trip(dispatch, combine, device, args, disp_bytes + comb_bytes,
-                                     graph=graph))
+        row = graph_round_trip(dispatch, combine, device, args, disp_bytes + comb_bytes,
+                               graph=graph)
+        floor = stats(timed(empty.replay, iters=args.iters, warmup=args.warmup,
+                            queue_ahead=True))[0]
+        row[4]["floor_queued_us"] = round(floor, 2)  # same launch structure, empty kernels
+        rows.append(row)
         ranks.synchronize()
     if "kernel" in args.modes:
         graph = graph or capture_round_trip(dispatch, combine, device)
@@ -349,10 +396,14 @@ def ours_single_process(args, shape, dtype, tokens, kind, ep_size, gen, device):
                                     combine_row=spec.combine_row_bytes)
         op_bytes["dispatch"]["bytes"] = disp_bytes
         op_bytes["combine"]["bytes"] = comb_bytes
-        rows += kernel_rows(graph.replay, iters=args.iters, ranks=ep_size, device=device,
+        found = kernel_rows(graph.replay, iters=args.iters, ranks=ep_size, device=device,
                             op_bytes=op_bytes)
+        floor = empty_kernel_us(empty, iters=args.iters, device=device)
+        for row in found:
+            row[4]["empty_kernel_us"] = floor
+        rows += found
         ranks.synchronize()
-    del graph
+    del graph, empty
     del ranks
     return rows
 
