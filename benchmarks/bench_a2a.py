@@ -243,20 +243,6 @@ def empty_structure_graph(ep_size: int, device) -> torch.cuda.CUDAGraph:
     return graph
 
 
-def empty_kernel_us(graph: torch.cuda.CUDAGraph, *, iters: int, device) -> float:
-    """Median duration of one empty kernel (profiler), over ``graph``'s replays."""
-    from torch.profiler import ProfilerActivity, profile
-
-    graph.replay()
-    torch.cuda.synchronize(device)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            graph.replay()
-        torch.cuda.synchronize(device)
-    durations = [d for n, _, d in _device_kernel_events(prof) if "spin_kernel" in n]
-    return round(stats(durations)[0], 2) if durations else 0.0
-
-
 # Our kernels' names (csrc/dispatch.cu, csrc/combine.cu), as the profiler reports them.
 KERNEL_NAMES = {"dispatch": "dispatch_kernel", "combine": "combine_kernel"}
 _L2_FLUSH_BYTES = 256 << 20  # DeepEP's bench_kineto flush; above any GPU's L2
@@ -273,24 +259,34 @@ def _device_kernel_events(prof) -> list[tuple[str, float, float]]:
     return found
 
 
-def kernel_rows(replay, *, iters: int, ranks: int, device, op_bytes: dict[str, dict]) -> list:
+def kernel_rows(replay, *, iters: int, ranks: int, device, op_bytes: dict[str, dict],
+                empty_replay=None) -> list:
     """Kernel time per op from the torch profiler over ``iters`` replays.
 
     Per iteration: the summed duration of that op's kernels divided by ``ranks``
     (every rank launches its own), so a row reads "GPU time of one rank's op".
     ``op_bytes[op]``: ``bytes`` (crossing), ``deepep_bytes`` and ``trtllm_bytes``
-    per rank, turned into the bandwidth columns."""
+    per rank, turned into the bandwidth columns. ``empty_replay`` (an
+    empty-kernel graph, see ``empty_structure_graph``) is replayed in the same
+    profiler session; its kernels' median goes to ``empty_kernel_us``."""
     from torch.profiler import ProfilerActivity, profile
 
     flush = torch.empty(_L2_FLUSH_BYTES, dtype=torch.uint8, device=device)
     replay()
+    if empty_replay is not None:
+        empty_replay()
     torch.cuda.synchronize(device)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(iters):
             flush.zero_()
             replay()
+        if empty_replay is not None:
+            for _ in range(iters):
+                empty_replay()
         torch.cuda.synchronize(device)
     events = sorted(_device_kernel_events(prof), key=lambda e: e[1])
+    empty = [d for n, _, d in events if "spin_kernel" in n]
+    empty_us = round(stats(empty)[0], 2) if empty else None
     rows = []
     for op, name in KERNEL_NAMES.items():
         durations = [d for n, _, d in events if name in n]
@@ -302,7 +298,7 @@ def kernel_rows(replay, *, iters: int, ranks: int, device, op_bytes: dict[str, d
         samples = [sum(durations[i * per_iter:(i + 1) * per_iter]) / ranks for i in range(iters)]
         b = op_bytes[op]
         med = stats(samples)[0]
-        extra = {"kernels_per_iteration": per_iter,
+        extra = {"kernels_per_iteration": per_iter, "empty_kernel_us": empty_us,
                  "deepep_gbps": round(b["deepep_bytes"] / (med * 1e-6) / 1e9, 2) if med else 0.0,
                  "trtllm_gbps": round(b["trtllm_bytes"] / (med * 1e-6) / 1e9, 2) if med else 0.0}
         rows.append((op, "kernel", samples, b["bytes"] // ranks, extra))
@@ -396,12 +392,8 @@ def ours_single_process(args, shape, dtype, tokens, kind, ep_size, gen, device):
                                     combine_row=spec.combine_row_bytes)
         op_bytes["dispatch"]["bytes"] = disp_bytes
         op_bytes["combine"]["bytes"] = comb_bytes
-        found = kernel_rows(graph.replay, iters=args.iters, ranks=ep_size, device=device,
-                            op_bytes=op_bytes)
-        floor = empty_kernel_us(empty, iters=args.iters, device=device)
-        for row in found:
-            row[4]["empty_kernel_us"] = floor
-        rows += found
+        rows += kernel_rows(graph.replay, iters=args.iters, ranks=ep_size, device=device,
+                            op_bytes=op_bytes, empty_replay=empty.replay)
         ranks.synchronize()
     del graph, empty
     del ranks

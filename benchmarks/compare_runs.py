@@ -45,7 +45,7 @@ def load_metric(path: Path, metric: str) -> dict[tuple, float]:
     return {(r["shape"], r["dtype"], r["routing"], r["ep_size"], r["tokens_per_rank"]): r[field]
             for r in doc["rows"]
             if r["impl"] == "a2a_one_sided" and r["op"] == op and r["mode"] == mode
-            and field in r}
+            and r.get(field) is not None}
 
 
 def graph_round_trips(path: Path) -> dict[tuple, float]:

@@ -26,6 +26,11 @@
 # Files under $OUT (7): session.log, before_1.json, after_1.json, after_2.json,
 # before_2.json, host.json, summary.txt.
 #
+# A2A_SESSION_STEPS picks steps (comma list; default all, in this order):
+#   bench1, host, tests, memcheck, racecheck, bench2, host2, faults, ipc.
+# A second call can finish what the deadline skipped, e.g.
+#   A2A_SESSION_STEPS=bench2,host2,racecheck,faults,ipc bash benchmarks/latency_session.sh
+#
 # Environment: A2A_BEFORE_REF (default 371729f: main where issue 15 branched; its
 # csrc is 3b1351d's plus the top-k id -1 skip), A2A_SESSION_BUDGET_S (default
 # 530), A2A_SESSION_DTYPES (default fp8), A2A_COMMIT (this tree's commit, for the
@@ -42,6 +47,8 @@ SUMMARY="$OUT/summary.txt"
 PY=${PYTHON:-python3}
 BEFORE_REF=${A2A_BEFORE_REF:-371729f}
 DTYPES=${A2A_SESSION_DTYPES:-fp8}
+STEPS=",${A2A_SESSION_STEPS:-bench1,host,tests,memcheck,racecheck,bench2,host2,faults,ipc},"
+want() { [[ "$STEPS" == *",$1,"* ]]; }
 START=$(date +%s)
 DEADLINE=$((START + ${A2A_SESSION_BUDGET_S:-530}))
 WORK=$(mktemp -d /tmp/a2a_latency.XXXXXX)
@@ -158,47 +165,48 @@ bench() {  # bench SIDE RUN
   A2A_COMMIT="$commit" run_step "bench $side #$run" 60 150 "$dir" \
     "$PY" benchmarks/bench_a2a.py "${BENCH_ARGS[@]}" --out "$OUT/${side}_${run}.json"
 }
-bench before 1
-bench after 1
+if want bench1; then bench before 1; bench after 1; fi
 
 # ---------------------------------------------------------------- 3. host time
-host() {  # host SIDE
-  local side=$1 dir
+host() {  # host SIDE [SUFFIX]
+  local side=$1 suffix=${2:-} dir
   if [ "$side" = after ]; then dir=$ROOT; ((AFTER_OK)) || return 0
   else dir=$BEFORE; ((BEFORE_OK)) || return 0; fi
   run_step "host overhead $side" 30 60 "$dir" "$PY" benchmarks/host_overhead.py \
-    --tokens 1 --dtype fp8 --iters 300 --json "$WORK/host_$side.json"
+    --tokens 1 --dtype fp8 --iters 300 --json "$WORK/host_$side$suffix.json"
 }
-host before
-host after
+if want host; then host before; host after; fi
 
 # ---------------------------------------------------------------- 4. tests
-if ((AFTER_OK)); then
+if ((AFTER_OK)) && want tests; then
   run_step "tests/test_kernels_gpu.py" 120 200 "$ROOT" "$PY" -m pytest tests/test_kernels_gpu.py -q \
     && true; note "test_kernels_gpu: $(last_match '(passed|failed|error)')"
 fi
 
 # ---------------------------------------------------------------- 5. sanitizer
 SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
-if ((AFTER_OK)) && [ -n "$SAN" ]; then
+if ((AFTER_OK)) && [ -n "$SAN" ] && want memcheck; then
   A2A_TEST_QUICK=1 A2A_UNDER_SANITIZER=1 run_step "memcheck" 60 150 "$ROOT" "$SAN" --tool memcheck \
     "$PY" -m pytest tests/test_kernels_gpu.py -q \
     -k "matches_reference or rows_cut_into_pieces or zero_tokens"
   note "memcheck: $(last_match 'ERROR SUMMARY') / $(last_match '(passed|failed|error)')"
+fi
+if ((AFTER_OK)) && [ -n "$SAN" ] && want racecheck; then
   A2A_TEST_QUICK=1 A2A_UNDER_SANITIZER=1 run_step "racecheck" 40 100 "$ROOT" "$SAN" --tool racecheck \
     "$PY" -m pytest tests/test_kernels_gpu.py -q -k "rows_cut_into_pieces and (256-1 or 256-3)"
   note "racecheck: $(last_match 'RACECHECK SUMMARY') / $(last_match '(passed|failed|error)')"
-elif ((AFTER_OK)); then
+elif ((AFTER_OK)) && [ -z "$SAN" ]; then
   note "SKIPPED sanitizer: compute-sanitizer not found"
 fi
 
 # ---------------------------------------------------------------- 2b/4b. drift pair, more tests
-bench after 2
-bench before 2
-host after
-if ((AFTER_OK)); then
+if want bench2; then bench after 2; bench before 2; fi
+if want host2; then host after _2; fi
+if ((AFTER_OK)) && want faults; then
   run_step "tests/test_faults_gpu.py" 100 150 "$ROOT" "$PY" -m pytest tests/test_faults_gpu.py -q \
     && true; note "test_faults_gpu: $(last_match '(passed|failed|error)')"
+fi
+if ((AFTER_OK)) && want ipc; then
   run_step "tests/test_ipc_one_gpu.py" 60 120 "$ROOT" "$PY" -m pytest tests/test_ipc_one_gpu.py -q \
     && true; note "test_ipc_one_gpu: $(last_match '(passed|failed|error)')"
 fi
@@ -209,7 +217,7 @@ import json, sys
 from pathlib import Path
 work, out = Path(sys.argv[1]), Path(sys.argv[2])
 doc = {side: json.loads((work / f"host_{side}.json").read_text())
-       for side in ("before", "after") if (work / f"host_{side}.json").exists()}
+       for side in ("before", "after", "after_2") if (work / f"host_{side}.json").exists()}
 out.write_text(json.dumps(doc, indent=1))
 print("## host time, eager, one rank, 1 token, fp8 (us per round trip)")
 for side, d in doc.items():
