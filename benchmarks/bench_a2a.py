@@ -284,18 +284,12 @@ def kernel_rows(replay, *, iters: int, ranks: int, device, op_bytes: dict[str, d
             for _ in range(iters):
                 empty_replay()
         torch.cuda.synchronize(device)
-    events = sorted(_device_kernel_events(prof), key=lambda e: e[1])
+    events = _device_kernel_events(prof)
     empty = [d for n, _, d in events if "spin_kernel" in n]
     empty_us = round(stats(empty)[0], 2) if empty else None
     rows = []
-    for op, name in KERNEL_NAMES.items():
-        durations = [d for n, _, d in events if name in n]
-        if not durations or len(durations) % iters:
-            print(f"kernel time for {op}: found {len(durations)} '{name}' kernels over {iters} "
-                  f"iterations; no kernel row")
-            continue
-        per_iter = len(durations) // iters
-        samples = [sum(durations[i * per_iter:(i + 1) * per_iter]) / ranks for i in range(iters)]
+    for op, (per_iter, samples) in per_iteration_kernel_times(events, iters=iters,
+                                                              ranks=ranks).items():
         b = op_bytes[op]
         med = stats(samples)[0]
         extra = {"kernels_per_iteration": per_iter, "empty_kernel_us": empty_us,
@@ -303,6 +297,28 @@ def kernel_rows(replay, *, iters: int, ranks: int, device, op_bytes: dict[str, d
                  "trtllm_gbps": round(b["trtllm_bytes"] / (med * 1e-6) / 1e9, 2) if med else 0.0}
         rows.append((op, "kernel", samples, b["bytes"] // ranks, extra))
     return rows
+
+
+def per_iteration_kernel_times(events: list[tuple[str, float, float]], *, iters: int,
+                               ranks: int) -> dict[str, tuple[int, list[float]]]:
+    """``{op: (kernels per iteration, [us per rank, one per iteration])}`` from the
+    profiler's ``(name, start_us, duration_us)`` kernels of ``iters`` replays.
+
+    Kernels are taken in start order, ``len / iters`` per iteration (replays do
+    not overlap: each waits for the L2 flush before it); an op whose count does
+    not divide by ``iters`` is left out with a message."""
+    times = {}
+    ordered = sorted(events, key=lambda e: e[1])
+    for op, name in KERNEL_NAMES.items():
+        durations = [d for n, _, d in ordered if name in n]
+        if not durations or len(durations) % iters:
+            print(f"kernel time for {op}: found {len(durations)} '{name}' kernels over {iters} "
+                  f"iterations; no kernel row")
+            continue
+        per_iter = len(durations) // iters
+        times[op] = (per_iter, [sum(durations[i * per_iter:(i + 1) * per_iter]) / ranks
+                                for i in range(iters)])
+    return times
 
 
 def convention_bytes(topk_ids: list[torch.Tensor], *, num_experts: int, ep_size: int, top_k: int,
