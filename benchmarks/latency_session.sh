@@ -179,7 +179,7 @@ if want host; then host before; host after; fi
 
 # ---------------------------------------------------------------- 4. tests
 if ((AFTER_OK)) && want tests; then
-  run_step "tests/test_kernels_gpu.py" 120 200 "$ROOT" "$PY" -m pytest tests/test_kernels_gpu.py -q \
+  run_step "tests/test_kernels_gpu.py" 120 200 "$ROOT" "$PY" -m pytest tests/test_kernels_gpu.py tests/test_fast_check.py -q \
     && true; note "test_kernels_gpu: $(last_match '(passed|failed|error)')"
 fi
 
