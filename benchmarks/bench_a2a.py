@@ -8,6 +8,23 @@ symmetric memory, baselines over NCCL, limit = measured peer copy bandwidth.
 
 Writes ``benchmarks/results/<machine>/<name>.json`` (command, commit, gpu,
 world_size, torch, rows) and plots with ``benchmarks/plot_results.py``.
+
+Timing methods (each row's ``mode`` says which one it used):
+
+* ``eager``: CUDA events around each call on the current stream; includes the
+  host's enqueue time whenever the GPU waits for it (small batches do).
+* ``graph``: one dispatch + combine captured in a CUDA graph, CUDA events around
+  each replay (``median_us``: as the GPU saw it, host launch gaps included
+  when the host is slower than the GPU); ``queued_median_us``: the same events
+  while a spin kernel holds the stream until every replay is enqueued (nvbench's
+  "blocking kernel"), so replays run back to back and the events time the
+  device's work alone.
+* ``kernel`` (ours only): GPU kernel time from the torch profiler (CUPTI), as
+  DeepEP's ``bench_kineto`` measures: graph replays with a 256 MB L2 flush
+  before each, our kernels' durations summed per op and iteration, divided by
+  the number of ranks (one kernel per rank and op when fused). Kernel rows also
+  carry DeepEP's bandwidth (valid (token, expert) selections x row bytes / time,
+  per rank) and TensorRT-LLM's (tokens x min(EP, top-k) x row bytes / time).
 """
 
 from __future__ import annotations
@@ -19,6 +36,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 # One hardware queue per logical rank's stream; must precede CUDA initialisation.
@@ -50,7 +68,8 @@ def parse_args(argv=None):
     p.add_argument("--impls", default="a2a_one_sided,nccl_a2a,agrs,flashinfer_one_sided",
                    help="implementations to time (flashinfer_one_sided is skipped, with a "
                         "message, when flashinfer cannot be imported)")
-    p.add_argument("--modes", default="eager,graph", help="eager and/or graph (CUDA-graph replay)")
+    p.add_argument("--modes", default="eager,graph,kernel",
+                   help="eager, graph (CUDA-graph replay), kernel (profiler kernel time; ours)")
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--threads-per-block", type=int, default=256)
@@ -60,13 +79,29 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def timed(fn, *, iters: int, warmup: int) -> list[float]:
-    """Per-iteration device time in microseconds (CUDA events around each call)."""
+# The spin kernel that holds the stream (queued timing) counts SM cycles; 2 GHz
+# is above any clock of the GPUs we run on, so it holds at least as long as asked.
+_SPIN_CYCLES_PER_S = 2.0e9
+_MAX_HOLD_S = 0.2
+
+
+def timed(fn, *, iters: int, warmup: int, queue_ahead: bool = False) -> list[float]:
+    """Per-iteration device time in microseconds (CUDA events around each call).
+
+    ``queue_ahead``: first enqueue a spin kernel long enough for the host to
+    enqueue every iteration behind it, so the iterations then run back to back
+    and the events measure the device alone (no host launch gaps).
+    """
+    host_start = time.perf_counter()
     for _ in range(warmup):
         fn()
+    host_s = (time.perf_counter() - host_start) / max(warmup, 1)
     torch.cuda.synchronize()
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    if queue_ahead:
+        hold_s = min(_MAX_HOLD_S, 4 * iters * host_s + 1e-3)
+        torch.cuda._sleep(int(hold_s * _SPIN_CYCLES_PER_S))
     for s, e in zip(starts, ends):
         s.record()
         fn()
@@ -148,10 +183,8 @@ def eager_rows(dispatch, combine, *, iters: int, warmup: int, disp_bytes: int, c
             ("round_trip", "eager", r_us, disp_bytes + comb_bytes)]
 
 
-def graph_round_trip(dispatch, combine, device, args, nbytes: int, *, before=None) -> tuple:
-    """One dispatch + combine captured in a CUDA graph, timed over its replays.
-
-    ``before`` runs once before timing (the distributed path barriers there)."""
+def capture_round_trip(dispatch, combine, device) -> torch.cuda.CUDAGraph:
+    """One dispatch + combine captured in a CUDA graph (after one eager round)."""
     dispatch()
     combine()
     torch.cuda.synchronize()
@@ -162,10 +195,145 @@ def graph_round_trip(dispatch, combine, device, args, nbytes: int, *, before=Non
         dispatch()
         combine()
     torch.cuda.current_stream(device).wait_stream(stream)
+    return graph
+
+
+def graph_round_trip(dispatch, combine, device, args, nbytes: int, *, before=None,
+                     graph=None) -> tuple:
+    """Round trips replayed from a CUDA graph: events as the GPU sees them, and
+    queued (host held back, see ``timed``) in ``queued_median_us`` / ``queued_p99_us``.
+
+    ``before`` runs before each timing (the distributed path barriers there)."""
+    graph = graph or capture_round_trip(dispatch, combine, device)
     if before:
         before()
     r_us = timed(graph.replay, iters=args.iters, warmup=args.warmup)
-    return ("round_trip", "graph", r_us, nbytes)
+    if before:
+        before()
+    q_us = timed(graph.replay, iters=args.iters, warmup=args.warmup, queue_ahead=True)
+    q_med, q_p99 = stats(q_us)
+    return ("round_trip", "graph", r_us, nbytes,
+            {"queued_median_us": round(q_med, 2), "queued_p99_us": round(q_p99, 2)})
+
+
+def empty_structure_graph(ep_size: int, device) -> torch.cuda.CUDAGraph:
+    """The launch structure of our round trip with empty kernels: per rank two
+    kernels (dispatch, combine) on the rank's own stream (forked from and joined
+    to the capture stream when ``ep_size`` > 1, as LocalRanks' concurrent mode
+    does). Its replay time is the floor no kernel work can go below: launch and
+    graph overhead alone. The kernel is torch's ``spin_kernel`` with 0 cycles."""
+    graph = torch.cuda.CUDAGraph()
+    capture = torch.cuda.Stream(device)
+    streams = [torch.cuda.Stream(device) for _ in range(ep_size)] if ep_size > 1 else []
+    capture.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(capture), torch.cuda.graph(graph, stream=capture):
+        if not streams:
+            torch.cuda._sleep(0)
+            torch.cuda._sleep(0)
+        else:
+            for stream in streams:
+                stream.wait_stream(capture)
+                with torch.cuda.stream(stream):
+                    torch.cuda._sleep(0)
+                    torch.cuda._sleep(0)
+            for stream in streams:
+                capture.wait_stream(stream)
+    torch.cuda.current_stream(device).wait_stream(capture)
+    torch.cuda.synchronize(device)
+    return graph
+
+
+# Our kernels' names (csrc/dispatch.cu, csrc/combine.cu), as the profiler reports them.
+KERNEL_NAMES = {"dispatch": "dispatch_kernel", "combine": "combine_kernel"}
+_L2_FLUSH_BYTES = 256 << 20  # DeepEP's bench_kineto flush; above any GPU's L2
+
+
+def _device_kernel_events(prof) -> list[tuple[str, float, float]]:
+    """``(name, start_us, duration_us)`` of every GPU kernel the profiler saw."""
+    from torch.autograd import DeviceType
+
+    found = []
+    for evt in prof.events():
+        if getattr(evt, "device_type", None) == DeviceType.CUDA:
+            found.append((evt.name, float(evt.time_range.start), float(evt.time_range.elapsed_us())))
+    return found
+
+
+def kernel_rows(replay, *, iters: int, ranks: int, device, op_bytes: dict[str, dict],
+                empty_replay=None) -> list:
+    """Kernel time per op from the torch profiler over ``iters`` replays.
+
+    Per iteration: the summed duration of that op's kernels divided by ``ranks``
+    (every rank launches its own), so a row reads "GPU time of one rank's op".
+    ``op_bytes[op]``: ``bytes`` (crossing), ``deepep_bytes`` and ``trtllm_bytes``
+    per rank, turned into the bandwidth columns. ``empty_replay`` (an
+    empty-kernel graph, see ``empty_structure_graph``) is replayed in the same
+    profiler session; its kernels' median goes to ``empty_kernel_us``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    flush = torch.empty(_L2_FLUSH_BYTES, dtype=torch.uint8, device=device)
+    replay()
+    if empty_replay is not None:
+        empty_replay()
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            flush.zero_()
+            replay()
+        if empty_replay is not None:
+            for _ in range(iters):
+                empty_replay()
+        torch.cuda.synchronize(device)
+    events = _device_kernel_events(prof)
+    empty = [d for n, _, d in events if "spin_kernel" in n]
+    empty_us = round(stats(empty)[0], 2) if empty else None
+    rows = []
+    for op, (per_iter, samples) in per_iteration_kernel_times(events, iters=iters,
+                                                              ranks=ranks).items():
+        b = op_bytes[op]
+        med = stats(samples)[0]
+        extra = {"kernels_per_iteration": per_iter, "empty_kernel_us": empty_us,
+                 "deepep_gbps": round(b["deepep_bytes"] / (med * 1e-6) / 1e9, 2) if med else 0.0,
+                 "trtllm_gbps": round(b["trtllm_bytes"] / (med * 1e-6) / 1e9, 2) if med else 0.0}
+        rows.append((op, "kernel", samples, b["bytes"] // ranks, extra))
+    return rows
+
+
+def per_iteration_kernel_times(events: list[tuple[str, float, float]], *, iters: int,
+                               ranks: int) -> dict[str, tuple[int, list[float]]]:
+    """``{op: (kernels per iteration, [us per rank, one per iteration])}`` from the
+    profiler's ``(name, start_us, duration_us)`` kernels of ``iters`` replays.
+
+    Kernels are taken in start order, ``len / iters`` per iteration (replays do
+    not overlap: each waits for the L2 flush before it); an op whose count does
+    not divide by ``iters`` is left out with a message."""
+    times = {}
+    ordered = sorted(events, key=lambda e: e[1])
+    for op, name in KERNEL_NAMES.items():
+        durations = [d for n, _, d in ordered if name in n]
+        if not durations or len(durations) % iters:
+            print(f"kernel time for {op}: found {len(durations)} '{name}' kernels over {iters} "
+                  f"iterations; no kernel row")
+            continue
+        per_iter = len(durations) // iters
+        times[op] = (per_iter, [sum(durations[i * per_iter:(i + 1) * per_iter]) / ranks
+                                for i in range(iters)])
+    return times
+
+
+def convention_bytes(topk_ids: list[torch.Tensor], *, num_experts: int, ep_size: int, top_k: int,
+                     dispatch_row: int, combine_row: int) -> dict[str, dict[str, float]]:
+    """Per-rank bytes of the published conventions (mean over ranks).
+
+    DeepEP (tests/test_low_latency.py): every valid (token, expert) selection
+    moves one row, wherever the expert lives. TensorRT-LLM: every token moves
+    min(EP, top-k) rows."""
+    selections = sum(int(((ids >= 0) & (ids < num_experts)).sum()) for ids in topk_ids)
+    tokens = sum(int(ids.shape[0]) for ids in topk_ids)
+    ranks = len(topk_ids)
+    fanout = min(ep_size, top_k)
+    return {op: {"deepep_bytes": selections * row / ranks, "trtllm_bytes": tokens * fanout * row / ranks}
+            for op, row in (("dispatch", dispatch_row), ("combine", combine_row))}
 
 
 def make_inputs(gen, shape, tokens, dtype, kind, ranks, device):
@@ -221,9 +389,29 @@ def ours_single_process(args, shape, dtype, tokens, kind, ep_size, gen, device):
         rows += eager_rows(dispatch, combine, iters=args.iters, warmup=args.warmup,
                            disp_bytes=disp_bytes, comb_bytes=comb_bytes)
         ranks.synchronize()
+    graph = None
+    empty = empty_structure_graph(ep_size, device) if {"graph", "kernel"} & set(
+        args.modes.split(",")) else None
     if "graph" in args.modes:
-        rows.append(graph_round_trip(dispatch, combine, device, args, disp_bytes + comb_bytes))
+        graph = capture_round_trip(dispatch, combine, device)
+        row = graph_round_trip(dispatch, combine, device, args, disp_bytes + comb_bytes,
+                               graph=graph)
+        floor = stats(timed(empty.replay, iters=args.iters, warmup=args.warmup,
+                            queue_ahead=True))[0]
+        row[4]["floor_queued_us"] = round(floor, 2)  # same launch structure, empty kernels
+        rows.append(row)
         ranks.synchronize()
+    if "kernel" in args.modes:
+        graph = graph or capture_round_trip(dispatch, combine, device)
+        op_bytes = convention_bytes(ids, num_experts=shape.num_experts, ep_size=ep_size,
+                                    top_k=shape.top_k, dispatch_row=payload_row,
+                                    combine_row=spec.combine_row_bytes)
+        op_bytes["dispatch"]["bytes"] = disp_bytes
+        op_bytes["combine"]["bytes"] = comb_bytes
+        rows += kernel_rows(graph.replay, iters=args.iters, ranks=ep_size, device=device,
+                            op_bytes=op_bytes, empty_replay=empty.replay)
+        ranks.synchronize()
+    del graph, empty
     del ranks
     return rows
 
@@ -361,13 +549,14 @@ def main(argv=None):
                 results += [(impl, world, *r) for r in
                             baseline_rows(args, impl, shape, dtype, tokens, kind, group, gen,
                                           device)]
-        for impl, ep, op, mode, samples, nbytes in results:
+        for impl, ep, op, mode, samples, nbytes, *extra in results:
             med, p99 = stats(samples)
             gbps = nbytes / (med * 1e-6) / 1e9 if med > 0 else 0.0
             rows.append(dict(impl=impl, op=op, mode=mode, shape=shape_name, dtype=dtype_name,
                              routing=kind, tokens_per_rank=tokens, ep_size=ep,
                              median_us=round(med, 2), p99_us=round(p99, 2), bytes=nbytes,
-                             gbps=round(gbps, 2), frac_of_limit=round(gbps / limit, 4)))
+                             gbps=round(gbps, 2), frac_of_limit=round(gbps / limit, 4),
+                             **(extra[0] if extra else {})))
         add_speedups(rows[-len(results):] if results else [])
         if rank == 0:  # after every point, so a run cut short still leaves its rows
             out.write_text(json.dumps({**doc, "rows": rows}, indent=1))
@@ -438,9 +627,24 @@ def ours_distributed(args, shape, dtype, tokens, kind, group, gen, device):
     rows = eager_rows(dispatch, a2a.combine, iters=args.iters, warmup=args.warmup,
                       disp_bytes=disp_bytes, comb_bytes=comb_bytes, sync_each=True,
                       before_each=lambda: dist.barrier(group))
+    graph = None
+    if "graph" in args.modes or "kernel" in args.modes:
+        graph = capture_round_trip(dispatch, a2a.combine, device)
     if "graph" in args.modes:
         rows.append(graph_round_trip(dispatch, a2a.combine, device, args,
-                                     disp_bytes + comb_bytes, before=lambda: dist.barrier(group)))
+                                     disp_bytes + comb_bytes, before=lambda: dist.barrier(group),
+                                     graph=graph))
+    if "kernel" in args.modes:
+        op_bytes = convention_bytes([ids[me]], num_experts=shape.num_experts, ep_size=world,
+                                    top_k=shape.top_k, dispatch_row=payload_row,
+                                    combine_row=spec.combine_row_bytes)
+        # Crossing bytes summed over the group; a kernel row carries one rank's share.
+        op_bytes["dispatch"]["bytes"] = disp_bytes // world
+        op_bytes["combine"]["bytes"] = comb_bytes // world
+        dist.barrier(group)
+        rows += kernel_rows(graph.replay, iters=args.iters, ranks=1, device=device,
+                            op_bytes=op_bytes)
+    del graph
     a2a.check_errors()
     ws.release()
     return rows

@@ -2,24 +2,55 @@
 
     python benchmarks/compare_runs.py BEFORE.json AFTER.json --png out.png
 
-Prints a markdown table of our CUDA-graph round-trip medians (device time, no
-host overhead) per shape, dtype, rank count and tokens per rank, with the
-speed-up, and draws the same as lines (dashed: before).
+Prints one markdown table per metric found in both files (medians, us, per
+shape, dtype, routing, rank count and tokens per rank, with the speed-up
+before / after), then the regression check: at the ``--check-tokens`` points
+the after/before ratio of the round trip must stay within ``--tolerance``.
+Metrics (see bench_a2a.py's docstring for the timing methods):
+
+* ``graph``: round trip, CUDA-graph replay, events as the GPU saw them;
+* ``graph_queued``: the same replays with the host held back (device time alone);
+* ``kernel_dispatch`` / ``kernel_combine``: profiler kernel time per op and rank;
+* ``eager``: round trip, eager calls (host-bound at small batches);
+* ``graph_floor``: an empty-kernel graph of the same launch structure (queued);
+* ``empty_kernel``: one empty kernel's profiler time.
+
+The PNG draws ``--png-metric`` (default ``graph``) as lines (dashed: before).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from collections import defaultdict
+import sys
 from pathlib import Path
+
+# metric -> (op, mode, field of the row)
+METRICS = {
+    "graph": ("round_trip", "graph", "median_us"),
+    "graph_queued": ("round_trip", "graph", "queued_median_us"),
+    "kernel_dispatch": ("dispatch", "kernel", "median_us"),
+    "kernel_combine": ("combine", "kernel", "median_us"),
+    "eager": ("round_trip", "eager", "median_us"),
+    # Floors measured in the same run (same bench code on both sides: they should agree):
+    "graph_floor": ("round_trip", "graph", "floor_queued_us"),
+    "empty_kernel": ("dispatch", "kernel", "empty_kernel_us"),
+}
+
+
+def load_metric(path: Path, metric: str) -> dict[tuple, float]:
+    """``{(shape, dtype, routing, ep_size, tokens): value}`` of our rows for ``metric``."""
+    op, mode, field = METRICS[metric]
+    doc = json.loads(path.read_text())
+    return {(r["shape"], r["dtype"], r["routing"], r["ep_size"], r["tokens_per_rank"]): r[field]
+            for r in doc["rows"]
+            if r["impl"] == "a2a_one_sided" and r["op"] == op and r["mode"] == mode
+            and r.get(field) is not None}
 
 
 def graph_round_trips(path: Path) -> dict[tuple, float]:
-    doc = json.loads(path.read_text())
-    return {(r["shape"], r["dtype"], r["routing"], r["ep_size"], r["tokens_per_rank"]):
-            r["median_us"] for r in doc["rows"]
-            if r["impl"] == "a2a_one_sided" and r["op"] == "round_trip" and r["mode"] == "graph"}
+    """Kept for callers of the first version: the ``graph`` metric."""
+    return load_metric(path, "graph")
 
 
 def table(before: dict, after: dict, tokens: tuple[int, ...]) -> str:
@@ -29,12 +60,27 @@ def table(before: dict, after: dict, tokens: tuple[int, ...]) -> str:
         cells = []
         for t in tokens:
             b, a = before.get((*key, t)), after.get((*key, t))
-            cells.append(f"{b:.0f} -> {a:.0f} ({b / a:.2f}x)" if b and a else "")
+            cells.append(f"{b:.1f} -> {a:.1f} ({b / a:.2f}x)" if b and a else "")
         lines.append("| " + " | ".join(map(str, key)) + " | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot(before: dict, after: dict, out: Path) -> None:
+def regression_check(before: dict, after: dict, tokens: tuple[int, ...],
+                     tolerance: float) -> tuple[list[str], bool]:
+    """One line per point at ``tokens``: after / before, and whether it is within
+    ``1 + tolerance``. Returns the lines and whether every point passed."""
+    lines, ok = [], True
+    for key in sorted(k for k in after if k[4] in tokens and k in before):
+        ratio = after[key] / before[key] if before[key] else float("inf")
+        passed = ratio <= 1 + tolerance
+        ok &= passed
+        lines.append(f"{'ok  ' if passed else 'SLOW'} {' '.join(map(str, key[:4]))} "
+                     f"{key[4]:>5} tok: {before[key]:9.1f} -> {after[key]:9.1f} us "
+                     f"(after/before {ratio:.3f})")
+    return lines, ok
+
+
+def plot(before: dict, after: dict, out: Path, ylabel: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -56,24 +102,52 @@ def plot(before: dict, after: dict, out: Path) -> None:
         ax.set_xlabel("tokens per rank")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("round trip, graph replay (us)")
+    axes[0][0].set_ylabel(ylabel)
     fig.tight_layout()
     fig.savefig(out, dpi=80)
     plt.close(fig)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("before", type=Path)
     p.add_argument("after", type=Path)
-    p.add_argument("--tokens", default="1,32,256,1024,4096")
+    p.add_argument("--tokens", default="1,32,128,256,1024,4096")
+    p.add_argument("--metrics", default=",".join(METRICS))
+    p.add_argument("--check-tokens", default="128,1024,4096",
+                   help="points of the regression check (empty: none)")
+    p.add_argument("--check-metric", default="graph_queued",
+                   help="metric of the regression check (falls back to graph if absent)")
+    p.add_argument("--tolerance", type=float, default=0.03)
     p.add_argument("--png", type=Path, default=None)
+    p.add_argument("--png-metric", default="graph")
     args = p.parse_args(argv)
-    before, after = graph_round_trips(args.before), graph_round_trips(args.after)
-    print(table(before, after, tuple(int(t) for t in args.tokens.split(","))))
+    tokens = tuple(int(t) for t in args.tokens.split(","))
+    for metric in args.metrics.split(","):
+        before, after = load_metric(args.before, metric), load_metric(args.after, metric)
+        if not before or not after:
+            print(f"## {metric}: not in both files\n")
+            continue
+        op, mode, field = METRICS[metric]
+        print(f"## {metric} ({op}, {mode}, {field}; before -> after, us)\n")
+        print(table(before, after, tokens) + "\n")
+    ok = True
+    check_tokens = tuple(int(t) for t in args.check_tokens.split(",") if t)
+    if check_tokens:
+        metric = args.check_metric
+        before, after = load_metric(args.before, metric), load_metric(args.after, metric)
+        if not before or not after:
+            metric = "graph"
+            before, after = load_metric(args.before, metric), load_metric(args.after, metric)
+        lines, ok = regression_check(before, after, check_tokens, args.tolerance)
+        print(f"## regression check ({metric}, after/before <= {1 + args.tolerance:.2f})\n")
+        print("\n".join(lines) or "(no common points)")
+        print(f"\nregression check: {'PASS' if ok else 'FAIL'}")
     if args.png:
-        plot(before, after, args.png)
+        plot(load_metric(args.before, args.png_metric), load_metric(args.after, args.png_metric),
+             args.png, f"{args.png_metric} (us)")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -2,6 +2,14 @@
 // workspace ([sender, token] slots, zero-copy). After a barrier (every rank
 // raises a flag in every peer), each sender pulls, for each of its tokens, the
 // partial results from the token's distinct target ranks and sums them in fp32.
+//
+// Epoch: combine never advances an epoch of its own. Dispatch and combine
+// alternate strictly on every rank (the host state machine), so a combine's
+// epoch is the epoch of the dispatch it completes: dispatch_epoch, which the
+// dispatch kernel set before this launch started (stream order) and no block of
+// this launch changes. So no block needs to know which block finishes last:
+// no grid-wide counter, no fence at the end. combine_epoch is only a count of
+// completed combines (tests, statistics), stored by block 0.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -78,9 +86,11 @@ int64_t combine_dtype_bytes(CombineDtype dtype) {
 
 __device__ void raise_combine_flags(const CommonParams& p, uint32_t epoch) {
   // The experts' writes to our combine region happened in earlier kernels of this
-  // stream; the fence orders them before peers can see the flag.
+  // stream: they happen-before this store, and a release is cumulative, so the
+  // release alone orders them before peers can see the flag. Our own flag is
+  // never read (wait_for_peers skips it: our input is ready by stream order).
   for (int peer = threadIdx.x; peer < p.ep_size; peer += blockDim.x) {
-    __threadfence_system();
+    if (peer == p.rank) continue;
     st_release_sys(&header_of(p, peer)->combine_flags[p.rank], epoch);
   }
 }
@@ -88,6 +98,7 @@ __device__ void raise_combine_flags(const CommonParams& p, uint32_t epoch) {
 // Every block waits for itself: no block depends on another block of this launch,
 // only on peers' flags (raised by the peers' first block).
 __device__ bool wait_for_peers(const CommonParams& p, uint32_t epoch) {
+  if (p.ep_size == 1) return true;  // nobody to wait for (block-uniform)
   __shared__ int timed_out;
   if (threadIdx.x == 0) timed_out = 0;
   __syncthreads();
@@ -105,6 +116,12 @@ __device__ bool wait_for_peers(const CommonParams& p, uint32_t epoch) {
 // at once; ranks are summed in ascending order, so the result does not depend on
 // the work split. (An earlier version held one vector of every target in
 // registers, uint4[16]: 141 registers for bf16, one block per SM.)
+//
+// Small batches (each warp has one unit: latency-bound) load the first pass of
+// this rank's own partial before the routing loads (ids -> owner) return: it is
+// our own workspace, always mapped and already final (stream order), so the load
+// is safe whether or not this rank turns out to be a target; when it is (always,
+// at one rank), the chain ids -> owner -> partial loses its last step.
 template <typename T>
 __device__ void reduce_tokens(const CombineParams& cp) {
   const CommonParams& p = cp.common;
@@ -119,20 +136,30 @@ __device__ void reduce_tokens(const CombineParams& cp) {
   constexpr int kPass = kVecsPerLanePass;
   const int64_t pieces = pieces_per_token(row_bytes, total_warps, p.num_local_tokens);
   const int64_t units = int64_t(p.num_local_tokens) * pieces;
+  const bool preload_own = units <= total_warps;  // grid-uniform
 
   for (int64_t unit = global_warp; unit < units; unit += total_warps) {
     const int t = static_cast<int>(unit / pieces);
     const VecSpan span = piece_span(num_vecs, pieces, unit % pieces);
-    int owner = -1;
-    if (lane < k) {
-      const int expert = p.topk_ids[int64_t(t) * k + lane];
-      if (expert >= 0 && expert < p.num_experts) owner = p.expert_owner[expert];
-    }
-    const uint64_t targets = warp_or_u64(owner >= 0 ? (1ull << owner) : 0ull);
     const int64_t slot_offset =
         p.layout.combine + (int64_t(p.rank) * p.runtime_max_tokens + t) * row_bytes;
+    int expert = -1;
+    if (lane < k) expert = p.topk_ids[int64_t(t) * k + lane];
+    uint4 own_first[kPass];
+    if (preload_own) {
+      const uint4* own = reinterpret_cast<const uint4*>(workspace_of(p, p.rank) + slot_offset);
+#pragma unroll
+      for (int u = 0; u < kPass; ++u) {
+        const int64_t v = span.begin + lane + u * 32;
+        if (v < span.end) own_first[u] = own[v];
+      }
+    }
+    int owner = -1;
+    if (lane < k && expert >= 0 && expert < p.num_experts) owner = p.expert_owner[expert];
+    const uint64_t targets = warp_or_u64(owner >= 0 ? (1ull << owner) : 0ull);
     uint4* dst = reinterpret_cast<uint4*>(static_cast<uint8_t*>(cp.output) + int64_t(t) * row_bytes);
     for (int64_t base = span.begin + lane; base < span.end; base += 32 * kPass) {
+      const bool first_pass = base == span.begin + lane;
       float acc[kPass][kElems];
 #pragma unroll
       for (int u = 0; u < kPass; ++u) {
@@ -143,11 +170,16 @@ __device__ void reduce_tokens(const CombineParams& cp) {
       while (remaining) {
         const int rank = __ffsll(static_cast<long long>(remaining)) - 1;
         remaining &= remaining - 1;
-        const uint4* src = reinterpret_cast<const uint4*>(workspace_of(p, rank) + slot_offset);
         uint4 loaded[kPass];
+        if (preload_own && first_pass && rank == p.rank) {
 #pragma unroll
-        for (int u = 0; u < kPass; ++u) {
-          if (base + u * 32 < span.end) loaded[u] = src[base + u * 32];
+          for (int u = 0; u < kPass; ++u) loaded[u] = own_first[u];
+        } else {
+          const uint4* src = reinterpret_cast<const uint4*>(workspace_of(p, rank) + slot_offset);
+#pragma unroll
+          for (int u = 0; u < kPass; ++u) {
+            if (base + u * 32 < span.end) loaded[u] = src[base + u * 32];
+          }
         }
 #pragma unroll
         for (int u = 0; u < kPass; ++u) {
@@ -166,15 +198,13 @@ template <typename T>
 __global__ void combine_kernel(const __grid_constant__ CombineParams cp) {
   const CommonParams& p = cp.common;
   WorkspaceHeader* my_hdr = header_of(p, p.rank);
-  const uint32_t epoch = *reinterpret_cast<volatile uint32_t*>(&my_hdr->combine_epoch) + 1;
+  const uint32_t epoch = *reinterpret_cast<volatile uint32_t*>(&my_hdr->dispatch_epoch);
 
   if ((p.phases & kPhaseSend) && blockIdx.x == 0) raise_combine_flags(p, epoch);
   if (!(p.phases & kPhaseWait)) return;
   const bool ready = wait_for_peers(p, epoch);
   if (ready) reduce_tokens<T>(cp);
-  if (arrive_last_block(&my_hdr->combine_blocks_done) && threadIdx.x == 0) {
-    my_hdr->combine_epoch = epoch;
-  }
+  if (blockIdx.x == 0 && threadIdx.x == 0) my_hdr->combine_epoch = epoch;
 }
 
 }  // namespace

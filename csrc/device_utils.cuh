@@ -1,5 +1,22 @@
 // Device helpers shared by the dispatch and combine kernels: system-scope
 // acquire/release on peer-visible words, bounded spin-waits, error reporting.
+//
+// Memory-ordering rules of the protocol (PTX memory model, ISA 8.x, section
+// "Memory Consistency Model"), in one place:
+//  * Every signal is message passing: a writer makes data visible, then stores a
+//    flag; a reader sees the flag, then reads the data. A release at .sys scope on
+//    the flag store and an acquire at .sys scope on the flag load order it. .sys,
+//    not .gpu: peers can be threads of another GPU (NVLink) or of another process
+//    on this GPU (CUDA IPC), and .gpu scope only covers "the current program on
+//    this device".
+//  * There is no store-buffering (Dekker) pattern anywhere, so no fence.sc is
+//    needed: fence.acq_rel (MEMBAR.ALL) is enough; fence.sc.sys (what
+//    __threadfence_system() emits: MEMBAR.SC.SYS) is the slow one.
+//  * Release is cumulative: a st.release.sys (or fence.acq_rel.sys + strong store)
+//    orders every write that happens-before it, including other threads' writes
+//    ordered before it by __syncthreads() (bar.sync synchronizes the CTA) and
+//    earlier kernels' writes on the same stream. So one release store per flag,
+//    after a barrier, publishes the whole block's writes: no separate fence.
 #pragma once
 
 #include <cstdint>
@@ -16,12 +33,22 @@ __device__ __forceinline__ uint32_t ld_acquire_sys(const uint32_t* ptr) {
   return value;
 }
 
+// Store with release semantics at system scope (SASS: MEMBAR.ALL.SYS + STG.STRONG.SYS).
 __device__ __forceinline__ void st_release_sys(uint32_t* ptr, uint32_t value) {
   asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(ptr), "r"(value) : "memory");
 }
 
 __device__ __forceinline__ void st_relaxed_sys(uint32_t* ptr, uint32_t value) {
   asm volatile("st.relaxed.sys.global.u32 [%0], %1;" ::"l"(ptr), "r"(value) : "memory");
+}
+
+// Lightweight fences (MEMBAR.ALL.*): enough for release/acquire patterns.
+__device__ __forceinline__ void fence_acq_rel_sys() {
+  asm volatile("fence.acq_rel.sys;" ::: "memory");
+}
+
+__device__ __forceinline__ void fence_acq_rel_gpu() {
+  asm volatile("fence.acq_rel.gpu;" ::: "memory");
 }
 
 __device__ __forceinline__ uint64_t global_timer_ns() {
@@ -81,17 +108,31 @@ __device__ __forceinline__ uint64_t warp_or_u64(uint64_t value) {
 
 // Called by every block after its share of the work; returns true in exactly
 // one block, the last to arrive, after resetting the counter for the next launch.
-// The system fence makes this block's peer writes visible before it is counted.
+// The caller of the last block then publishes every block's writes with release
+// stores (see the rules at the top).
+//
+// One-block grids (every small batch) need no counter: the barrier alone orders
+// the block's writes before the caller's release stores.
+//
+// Several blocks: each block's thread 0 makes the block's writes visible at
+// system scope (fence.acq_rel.sys after the barrier: cumulative over the block)
+// before counting itself, so the last block's release stores never overtake
+// another block's NVLink writes. PTX alone would allow .gpu here (causality is
+// transitive and release is cumulative); .sys keeps each block's remote writes
+// performed at system scope before the count, as the kernels always did, at one
+// fence per block off the one-block path. The last block's acquire fence
+// (.gpu: the counter is on this GPU) orders the count before what it does next.
 __device__ inline bool arrive_last_block(uint32_t* counter) {
   __shared__ bool is_last;
   __syncthreads();
+  if (gridDim.x == 1) return true;
   if (threadIdx.x == 0) {
-    __threadfence_system();
+    fence_acq_rel_sys();
     const uint32_t previous = atomicAdd(counter, 1u);
     is_last = previous == gridDim.x - 1;
     if (is_last) {
-      __threadfence();
-      *counter = 0;
+      fence_acq_rel_gpu();
+      *counter = 0;  // the next launch's atomics run after this kernel (stream order)
     }
   }
   __syncthreads();

@@ -9,6 +9,13 @@
 //    all ranks so receivers never read stale ids and need no sanitize pass.
 //  * payload rows (real tokens only): each row is read once and stored to each
 //    *distinct* target rank.
+//
+// Signalling (fixed cost at small batches): the last block (the only block of a
+// small batch) raises one release flag per peer and waits for every peer's flag.
+// A fused launch (send + wait in one kernel) skips its own flag: its own slots
+// were written by this very grid, ordered by the barrier / block counter, and
+// later kernels on the stream see them by stream order. With one rank that
+// leaves no flag, fence or wait at all.
 #include <cuda_runtime.h>
 
 #include "device_utils.cuh"
@@ -18,20 +25,35 @@ namespace a2a {
 namespace {
 
 constexpr int kPhaseIdDispatch = 0;
+// Loads one pass (kVecsPerLanePass vectors per lane) of a row starting at `base`.
+template <typename Vec>
+__device__ __forceinline__ void load_pass(const Vec* src_vec, int64_t base, int64_t end, int lane,
+                                          Vec (&chunk)[kVecsPerLanePass]) {
+#pragma unroll
+  for (int u = 0; u < kVecsPerLanePass; ++u) {
+    const int64_t v = base + u * 32 + lane;
+    if (v < end) chunk[u] = src_vec[v];
+  }
+}
+
 // Copies vectors [span.begin, span.end) of one row to every rank in `targets`:
 // each lane loads kVecsPerLanePass vectors (all in flight at once), then stores
-// them to each target.
+// them to each target. `first_pass` holds the first pass when the caller loaded
+// it early (`first_pass_loaded`), so its latency overlapped the routing loads.
 template <typename Vec>
 __device__ __forceinline__ void copy_span_to_targets(const uint8_t* src, VecSpan span,
                                                      const CommonParams& p, uint64_t targets,
-                                                     int64_t dst_offset, int lane) {
+                                                     int64_t dst_offset, int lane,
+                                                     const Vec (&first_pass)[kVecsPerLanePass],
+                                                     bool first_pass_loaded) {
   const Vec* src_vec = reinterpret_cast<const Vec*>(src);
   for (int64_t base = span.begin; base < span.end; base += 32 * kVecsPerLanePass) {
     Vec chunk[kVecsPerLanePass];
+    if (first_pass_loaded && base == span.begin) {
 #pragma unroll
-    for (int u = 0; u < kVecsPerLanePass; ++u) {
-      const int64_t v = base + u * 32 + lane;
-      if (v < span.end) chunk[u] = src_vec[v];
+      for (int u = 0; u < kVecsPerLanePass; ++u) chunk[u] = first_pass[u];
+    } else {
+      load_pass(src_vec, base, span.end, lane, chunk);
     }
     uint64_t remaining = targets;
     while (remaining) {
@@ -47,6 +69,14 @@ __device__ __forceinline__ void copy_span_to_targets(const uint8_t* src, VecSpan
   }
 }
 
+// Padding id of `rank` from two per-lane registers holding pad_ids[lane] and
+// pad_ids[lane + 32] (loaded once, beside the routing loads): every lane must call.
+__device__ __forceinline__ int pad_id_of(int rank, int pad_lo, int pad_hi) {
+  const int lo = __shfl_sync(0xffffffffu, pad_lo, rank & 31);
+  const int hi = __shfl_sync(0xffffffffu, pad_hi, rank & 31);
+  return rank < 32 ? lo : hi;
+}
+
 __device__ void send_tokens(const DispatchParams& dp) {
   const CommonParams& p = dp.common;
   const int lane = threadIdx.x % 32;
@@ -59,6 +89,15 @@ __device__ void send_tokens(const DispatchParams& dp) {
   // written by the warp of piece 0.
   const int64_t pieces = pieces_per_token(largest_payload_row(dp), total_warps, p.num_local_tokens);
   const int64_t units = int64_t(p.runtime_max_tokens) * pieces;
+  // Independent of the token: loaded once, before the dependent routing loads.
+  static_assert(kMaxRanks <= 64, "pad ids travel in two registers per lane");
+  const int pad_lo = lane < p.ep_size ? dp.pad_ids[lane] : 0;
+  const int pad_hi = lane + 32 < p.ep_size ? dp.pad_ids[lane + 32] : 0;
+  // Payload 0 (the hidden states, the largest row) in 16-byte vectors: its first
+  // pass is loaded before the routing (ids -> owner) so both latencies overlap.
+  const int64_t row0_bytes = dp.num_payloads > 0 ? dp.payload_row_bytes[0] : 0;
+  const bool row0_vec16 = dp.num_payloads > 0 && row0_bytes % 16 == 0 &&
+                          reinterpret_cast<uintptr_t>(dp.payloads[0]) % 16 == 0;
 
   for (int64_t unit = global_warp; unit < units; unit += total_warps) {
     const int t = static_cast<int>(unit / pieces);
@@ -68,11 +107,23 @@ __device__ void send_tokens(const DispatchParams& dp) {
     int expert = -1;
     int owner = -1;
     float weight = 0.f;
+    float loaded_weight = 0.f;
     if (real && lane < k) {
       expert = p.topk_ids[int64_t(t) * k + lane];
+      if (dp.topk_weights != nullptr) loaded_weight = dp.topk_weights[int64_t(t) * k + lane];
+    }
+    uint4 first_pass[kVecsPerLanePass];
+    const bool first_pass_loaded = real && row0_vec16;
+    if (first_pass_loaded) {
+      const VecSpan span0 = piece_span(row0_bytes / 16, pieces, piece);
+      load_pass(reinterpret_cast<const uint4*>(static_cast<const uint8_t*>(dp.payloads[0]) +
+                                               int64_t(t) * row0_bytes),
+                span0.begin, span0.end, lane, first_pass);
+    }
+    if (real && lane < k) {
       if (expert >= 0 && expert < p.num_experts) {
         owner = p.expert_owner[expert];
-        weight = dp.topk_weights != nullptr ? dp.topk_weights[int64_t(t) * k + lane] : 0.f;
+        weight = loaded_weight;
       } else if (expert != kNoExpert && piece == 0) {
         // Python validates ids before launch when asked to; this keeps memory safe
         // (and says so) when it was not.
@@ -90,12 +141,13 @@ __device__ void send_tokens(const DispatchParams& dp) {
       const int src_expert = __shfl_sync(0xffffffffu, expert, slot);
       const int src_owner = __shfl_sync(0xffffffffu, owner, slot);
       const float src_weight = __shfl_sync(0xffffffffu, weight, slot);
+      const int pad = pad_id_of(j < p.ep_size * k ? j / k : 0, pad_lo, pad_hi);
       if (j < p.ep_size * k) {
         const int rank = j / k;
         const bool local_to_rank = src_owner == rank;
         uint8_t* ws = workspace_of(p, rank);
         reinterpret_cast<int32_t*>(ws + p.layout.recv_topk_ids)[header_index + slot] =
-            local_to_rank ? src_expert : dp.pad_ids[rank];
+            local_to_rank ? src_expert : pad;
         reinterpret_cast<float*>(ws + p.layout.recv_topk_weights)[header_index + slot] =
             local_to_rank ? src_weight : 0.f;
       }
@@ -110,28 +162,34 @@ __device__ void send_tokens(const DispatchParams& dp) {
                              (reinterpret_cast<uintptr_t>(dp.payloads[i]) % 16 == 0);
       if (aligned16) {
         copy_span_to_targets<uint4>(src, piece_span(row_bytes / 16, pieces, piece), p, targets,
-                                    dst_offset, lane);
+                                    dst_offset, lane, first_pass, i == 0 && first_pass_loaded);
       } else {
+        const uint32_t no_first_pass[kVecsPerLanePass] = {};
         copy_span_to_targets<uint32_t>(src, piece_span(row_bytes / 4, pieces, piece), p, targets,
-                                       dst_offset, lane);
+                                       dst_offset, lane, no_first_pass, false);
       }
     }
   }
 }
 
-// Tells every peer that this rank's slots in its workspace are complete.
-__device__ void raise_dispatch_flags(const CommonParams& p, uint32_t epoch) {
+// Tells every peer that this rank's slots in its workspace are complete. Called
+// by the last block after the barrier in arrive_last_block(): the release store
+// (cumulative) publishes every block's payload and header writes, and orders the
+// runtime-tokens word before the flag. `skip_self`: a fused launch needs no flag
+// for its own slots (see the top of the file).
+__device__ void raise_dispatch_flags(const CommonParams& p, uint32_t epoch, bool skip_self) {
   for (int peer = threadIdx.x; peer < p.ep_size; peer += blockDim.x) {
+    if (skip_self && peer == p.rank) continue;
     WorkspaceHeader* hdr = header_of(p, peer);
-    __threadfence_system();
     st_relaxed_sys(&hdr->sender_runtime_tokens[p.rank], static_cast<uint32_t>(p.runtime_max_tokens));
     st_release_sys(&hdr->dispatch_flags[p.rank], epoch);
   }
 }
 
-__device__ void wait_for_senders(const CommonParams& p, uint32_t epoch) {
+__device__ void wait_for_senders(const CommonParams& p, uint32_t epoch, bool skip_self) {
   WorkspaceHeader* hdr = header_of(p, p.rank);
   for (int sender = threadIdx.x; sender < p.ep_size; sender += blockDim.x) {
+    if (skip_self && sender == p.rank) continue;
     if (!wait_flag(p, &hdr->dispatch_flags[sender], epoch, sender, kPhaseIdDispatch)) continue;
     const uint32_t theirs = hdr->sender_runtime_tokens[sender];
     if (theirs != static_cast<uint32_t>(p.runtime_max_tokens)) {
@@ -139,24 +197,26 @@ __device__ void wait_for_senders(const CommonParams& p, uint32_t epoch) {
                    static_cast<int>(theirs), p.runtime_max_tokens);
     }
   }
-  __syncthreads();
+  __syncthreads();  // every wait is over before the epoch moves on
   if (threadIdx.x == 0) hdr->dispatch_epoch = epoch;
 }
 
 __global__ void dispatch_kernel(const __grid_constant__ DispatchParams dp) {
   const CommonParams& p = dp.common;
   WorkspaceHeader* my_hdr = header_of(p, p.rank);
-  // Stable for the whole launch: only the wait phase's last step advances it.
+  // Stable for the whole launch: only the last block's wait phase advances it,
+  // after every block has read it (each read it before arriving at the counter).
   const uint32_t epoch = *reinterpret_cast<volatile uint32_t*>(&my_hdr->dispatch_epoch) + 1;
+  const bool fused = (p.phases & kPhaseSend) && (p.phases & kPhaseWait);
 
   if (p.phases & kPhaseSend) {
     send_tokens(dp);
     if (!arrive_last_block(&my_hdr->dispatch_blocks_done)) return;
-    raise_dispatch_flags(p, epoch);
+    raise_dispatch_flags(p, epoch, fused);
   }
   if (p.phases & kPhaseWait) {
     if ((p.phases & kPhaseSend) == 0 && blockIdx.x != 0) return;
-    wait_for_senders(p, epoch);
+    wait_for_senders(p, epoch, fused);
   }
 }
 

@@ -33,10 +33,10 @@ struct alignas(128) WorkspaceHeader {
   uint32_t dispatch_flags[kMaxRanks];         // [sender] epoch whose payloads sender finished writing here
   uint32_t combine_flags[kMaxRanks];          // [peer] epoch at which peer's combine input became readable
   uint32_t sender_runtime_tokens[kMaxRanks];  // [sender] runtime max tokens per rank the sender used
-  uint32_t dispatch_epoch;                    // dispatches this rank completed
-  uint32_t combine_epoch;                     // combines this rank completed
+  uint32_t dispatch_epoch;                    // dispatches this rank completed; also the epoch of
+                                              // the combine that completes the round (combine.cu)
+  uint32_t combine_epoch;                     // combines this rank completed (a count, not a protocol word)
   uint32_t dispatch_blocks_done;              // blocks of the running dispatch launch that finished sending
-  uint32_t combine_blocks_done;               // blocks of the running combine launch that finished reducing
 };
 
 struct WorkspaceSpec {

@@ -30,8 +30,8 @@ from vllm_a2a_plugin.errors import (
     A2ATimeoutError,
 )
 from vllm_a2a_plugin.padding import linear_expert_owner, padding_ids_for_ranks
-from vllm_a2a_plugin.validation import (check_dispatch_inputs, check_expert_ids_in_range,
-                                        check_tensor, is_capturing)
+from vllm_a2a_plugin.validation import (DispatchInputFastCheck, check_dispatch_inputs,
+                                        check_expert_ids_in_range, check_tensor, is_capturing)
 from vllm_a2a_plugin.workspace import AllToAllSpec, Workspace
 
 PHASE_SEND = ops.PHASE_SEND
@@ -143,6 +143,17 @@ class OneSidedAllToAll:
         self._combine_dst: torch.Tensor | None = None
         self._combine_out: dict[tuple[int, torch.dtype], torch.Tensor] = {}
         self._views_by_m: dict[int, DispatchResult] = {}
+        # Per-call host work, paid once here (issue 15: eager host time): the op
+        # overloads (`.default` skips the packet's overload lookup), the spec's
+        # constant arguments, and a cheap form of the input check.
+        self._dispatch_op = torch.ops.a2a_one_sided.dispatch.default
+        self._combine_op = torch.ops.a2a_one_sided.combine.default
+        self._fast_check = DispatchInputFastCheck(spec, self.device)
+        self._payload_row_bytes = list(spec.payload_row_bytes)
+        self._combine_row_bytes = spec.combine_row_bytes
+        self._num_tokens = 0
+        self._launch_config: A2AConfig | None = None
+        self._launch_tail: tuple[int, int, int] = (0, 0, 0)
 
     # ------------------------------------------------------------------ views
     def _views(self, m: int) -> DispatchResult:
@@ -200,6 +211,15 @@ class OneSidedAllToAll:
         (tokens x row pieces) below it."""
         return self.config.max_blocks or 2 * self._sm_count
 
+    def _launch_settings(self) -> tuple[int, int, int]:
+        """``(max_blocks, threads_per_block, timeout_ns)`` of ``self.config``, rebuilt
+        only when the config object changes (it is frozen; it can be replaced)."""
+        config = self.config
+        if config is not self._launch_config:
+            self._launch_tail = (self._max_blocks(), config.threads_per_block, config.timeout_ns)
+            self._launch_config = config
+        return self._launch_tail
+
     def dispatch(self, x: torch.Tensor, topk_ids: torch.Tensor,
                  topk_weights: torch.Tensor | None = None, *,
                  x_scales: torch.Tensor | None = None,
@@ -238,17 +258,24 @@ class OneSidedAllToAll:
                 "by combine() before the next dispatch"
             )
         m = self.spec.max_tokens_per_rank if runtime_max_tokens is None else int(runtime_max_tokens)
-        check_dispatch_inputs(self.spec, x=x, topk_ids=topk_ids, topk_weights=topk_weights,
-                              x_scales=x_scales, extra_payloads=tuple(extra_payloads),
-                              runtime_max_tokens=m, device=self.device)
+        if self._fast_check.passes(x, topk_ids, topk_weights, x_scales, extra_payloads, m):
+            num_tokens = topk_ids.shape[0]
+        else:  # the full check: raises with a message, or accepts what the fast one left
+            num_tokens = check_dispatch_inputs(
+                self.spec, x=x, topk_ids=topk_ids, topk_weights=topk_weights, x_scales=x_scales,
+                extra_payloads=tuple(extra_payloads), runtime_max_tokens=m, device=self.device)
         if check_expert_ids is None:
             check_expert_ids = self.config.check_expert_ids
         if check_expert_ids and not is_capturing():
             check_expert_ids_in_range(topk_ids, self.spec.num_experts)
-        payloads = [x] + ([x_scales] if x_scales is not None else []) + list(extra_payloads)
+        if x_scales is None and not extra_payloads:
+            payloads = [x]
+        else:
+            payloads = [x] + ([x_scales] if x_scales is not None else []) + list(extra_payloads)
         self._dispatch_args = (payloads, topk_ids, topk_weights)
         self._runtime_max_tokens = m
         self._topk_ids = topk_ids
+        self._num_tokens = num_tokens
         self._launch_dispatch(phases)
         self._phase = "dispatched" if phases == PHASE_BOTH else "dispatch_sent"
         return self._views(m)
@@ -265,12 +292,13 @@ class OneSidedAllToAll:
 
     def _launch_dispatch(self, phases: int) -> None:
         payloads, topk_ids, topk_weights = self._dispatch_args
-        m = self._runtime_max_tokens
-        torch.ops.a2a_one_sided.dispatch(
+        # peer_ptrs is read from the workspace on every call: Workspace.release()
+        # replaces it, and the op then refuses instead of writing through stale pointers.
+        self._dispatch_op(
             self._buffer, self.workspace.peer_ptrs, self.rank, payloads, topk_ids,
             topk_weights, self._expert_owner, self._pad_ids, self._error_record_ptr,
-            self.spec.max_tokens_per_rank, m, self.spec.combine_row_bytes, phases,
-            self._max_blocks(), self.config.threads_per_block, self.config.timeout_ns)
+            self.spec.max_tokens_per_rank, self._runtime_max_tokens, self._combine_row_bytes,
+            phases, *self._launch_settings())
 
     def combine(self, y: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
                 phases: int = PHASE_BOTH) -> torch.Tensor:
@@ -316,7 +344,7 @@ class OneSidedAllToAll:
         """
         if self._topk_ids is None:
             raise A2AStateError("combine_output() is only valid after dispatch()")
-        num_tokens = self._topk_ids.shape[0]
+        num_tokens = self._num_tokens
         if out is not None:
             check_tensor(out, "out", dtype=self.spec.combine_dtype,
                          shape=(num_tokens, self.spec.hidden_size), device=self.device)
@@ -341,13 +369,11 @@ class OneSidedAllToAll:
         return out
 
     def _launch_combine(self, phases: int) -> None:
-        num_tokens = self._topk_ids.shape[0]
-        torch.ops.a2a_one_sided.combine(
+        self._combine_op(
             self._buffer, self.workspace.peer_ptrs, self.rank, self._topk_ids,
             self._expert_owner, self._combine_dst, self._error_record_ptr,
-            self.spec.max_tokens_per_rank, self._runtime_max_tokens,
-            list(self.spec.payload_row_bytes), phases, self._max_blocks(),
-            self.config.threads_per_block, self.config.timeout_ns)
+            self.spec.max_tokens_per_rank, self._runtime_max_tokens, self._payload_row_bytes,
+            phases, *self._launch_settings())
 
     def _finish_round(self) -> None:
         self._phase = "idle"

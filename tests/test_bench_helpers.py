@@ -1,0 +1,46 @@
+"""CPU checks of the benchmark's bookkeeping: kernel times per op and iteration
+from profiler events, and the published bandwidth conventions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks.bench_a2a import convention_bytes, per_iteration_kernel_times
+
+
+def test_kernel_times_are_grouped_per_iteration_and_divided_by_ranks():
+    # 2 iterations x 2 ranks; names as the profiler prints them; unrelated kernels mixed in.
+    events = []
+    t = 0.0
+    for it in range(2):
+        events.append(("vectorized_elementwise_kernel (flush)", t, 90.0))
+        for rank in range(2):
+            events.append(("a2a::(anonymous namespace)::dispatch_kernel(a2a::DispatchParams)",
+                           t + 100 + rank, 3.0 + it + rank))
+        for rank in range(2):
+            events.append(("void a2a::(anonymous namespace)::combine_kernel<__nv_bfloat16>("
+                           "a2a::CombineParams)", t + 110 + rank, 2.0 * (it + 1)))
+        t += 1000
+    times = per_iteration_kernel_times(list(reversed(events)), iters=2, ranks=2)
+    assert times["dispatch"] == (2, [3.5, 4.5])
+    assert times["combine"] == (2, [2.0, 4.0])
+
+
+def test_kernel_counts_that_do_not_divide_leave_the_op_out(capsys):
+    events = [("dispatch_kernel", 0.0, 1.0)] * 3
+    assert per_iteration_kernel_times(events, iters=2, ranks=1) == {}
+    assert "found 3 'dispatch_kernel' kernels over 2 iterations" in capsys.readouterr().out
+
+
+def test_bandwidth_conventions():
+    # Rank 0: 2 tokens x top-2, one slot without an expert (-1); rank 1: 1 token.
+    ids = [torch.tensor([[0, 5], [3, -1]], dtype=torch.int32),
+           torch.tensor([[7, 1]], dtype=torch.int32)]
+    got = convention_bytes(ids, num_experts=8, ep_size=4, top_k=2, dispatch_row=100,
+                           combine_row=10)
+    # DeepEP: valid selections (3 + 2) x row / ranks; TRT-LLM: tokens (3) x min(4, 2) x row / ranks.
+    assert got["dispatch"] == {"deepep_bytes": pytest.approx(250.0),
+                               "trtllm_bytes": pytest.approx(300.0)}
+    assert got["combine"] == {"deepep_bytes": pytest.approx(25.0),
+                              "trtllm_bytes": pytest.approx(30.0)}
