@@ -1,10 +1,11 @@
-"""The plugin against the real vLLM 0.32 install (CPU): entry point, vLLM's own
+"""The plugin against the real vLLM install, 0.32 or 0.33 (CPU): entry point, vLLM's own
 loader, CLI, configs, version guard. Each case runs in a fresh interpreter
 because plugins patch vLLM process-wide."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -160,11 +161,28 @@ def test_patches_apply_when_modules_are_imported_before_register():
 def test_unsupported_vllm_version_gets_one_clear_error():
     from vllm_a2a_plugin.vllm.hooks import UnsupportedVllmVersionError, check_vllm_version
 
-    assert check_vllm_version("0.32.0") == "0.32.0"
-    assert check_vllm_version("0.32.1+cu130") == "0.32.1+cu130"
-    with pytest.raises(UnsupportedVllmVersionError,
-                       match=r"supports vLLM 0\.32\.x \(tested with 0\.32\.0\); found vLLM 0\.33\.0"):
-        check_vllm_version("0.33.0")
+    for supported in ("0.32.0", "0.32.1+cu130", "0.33.0", "0.33.1rc1"):
+        assert check_vllm_version(supported) == supported
+    for too_old_or_new in ("0.31.2", "0.34.0", "1.0.0"):
+        with pytest.raises(UnsupportedVllmVersionError,
+                           match=r"supports vLLM 0\.32\.x or 0\.33\.x \(tested with 0\.32\.0 and "
+                                 rf"0\.33\.0\); found vLLM {re.escape(too_old_or_new)}\. Install "
+                                 r"vllm==0\.33\.0 \(or 0\.32\.0\)"):
+            check_vllm_version(too_old_or_new)
+
+
+def test_installed_vllm_is_a_supported_release():
+    """The version guard passes for the vLLM this suite runs against (CI runs it
+    once per supported release), and the plugin's patches applied there."""
+    from importlib.metadata import version
+
+    from vllm_a2a_plugin.vllm.compat import TESTED_VLLM, vllm_series
+    from vllm_a2a_plugin.vllm.hooks import check_vllm_version
+
+    installed = version("vllm")
+    assert check_vllm_version() == installed
+    assert vllm_series(installed) in TESTED_VLLM
+    print(f"vLLM {installed}")
 
 
 def test_engine_args_build_a_full_config_for_a_local_moe_model(tmp_path):
