@@ -12,8 +12,15 @@ import textwrap
 from importlib.metadata import entry_points
 
 import pytest
+import torch
 
 pytest.importorskip("vllm")
+
+
+def vllm_version() -> str:
+    from importlib.metadata import version
+
+    return version("vllm")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -258,3 +265,31 @@ def test_zero_token_rank_quantizes_without_a_launch():
     """)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "OK" in proc.stdout
+
+
+def test_transposed_block_scales_are_refused_where_vllm_has_them():
+    """vLLM 0.33's FusedMoEQuantConfig.is_scale_transposed asks for [H/128, T]
+    scales; we dispatch [T, H/128], so such a layer is refused before sizing a
+    workspace. 0.32 has no such field: nothing to refuse there."""
+    import dataclasses
+
+    from vllm.model_executor.layers.fused_moe.config import (
+        FusedMoEQuantConfig,
+        fp8_w8a8_moe_quant_config,
+    )
+
+    from vllm_a2a_plugin.errors import A2AInputError
+    from vllm_a2a_plugin.vllm.compat import activation_scales_transposed
+    from vllm_a2a_plugin.vllm.prepare_finalize import dispatch_layout
+
+    w = torch.ones(4, 1, 1, dtype=torch.float32)
+    block = fp8_w8a8_moe_quant_config(w1_scale=w, w2_scale=w, block_shape=[128, 128])
+    assert not activation_scales_transposed(block)
+    assert dispatch_layout(512, block, torch.bfloat16, False).scale_cols == 4
+    if "is_scale_transposed" not in {f.name for f in dataclasses.fields(FusedMoEQuantConfig)}:
+        assert vllm_version().startswith("0.32.")
+        return
+    transposed = dataclasses.replace(block, is_scale_transposed=True)
+    assert activation_scales_transposed(transposed)
+    with pytest.raises(A2AInputError, match="transposed"):
+        dispatch_layout(512, transposed, torch.bfloat16, False)
