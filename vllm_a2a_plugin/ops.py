@@ -134,8 +134,10 @@ def cuda_toolchain() -> CudaToolchain:
     home = cpp_extension.CUDA_HOME
     include_dirs: list[str] = []
     if home:
-        torch_include = set(cpp_extension.include_paths("cpu"))
-        include_dirs = [d for d in cpp_extension.include_paths("cuda") if d not in torch_include]
+        # Torch's own include folders (under its package) hold no toolkit headers.
+        torch_dir = Path(torch.__file__).resolve().parent
+        include_dirs = [d for d in cpp_extension.include_paths("cuda")
+                        if not Path(d).resolve().is_relative_to(torch_dir)]
     return inspect_cuda_toolkit(home, include_dirs)
 
 
