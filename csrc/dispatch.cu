@@ -73,7 +73,7 @@ __device__ void send_tokens(const DispatchParams& dp) {
       if (expert >= 0 && expert < p.num_experts) {
         owner = p.expert_owner[expert];
         weight = dp.topk_weights != nullptr ? dp.topk_weights[int64_t(t) * k + lane] : 0.f;
-      } else if (piece == 0) {
+      } else if (expert != kNoExpert && piece == 0) {
         // Python validates ids before launch when asked to; this keeps memory safe
         // (and says so) when it was not.
         report_error(p, kExpertIdOutOfRange, -1, kPhaseIdDispatch, 0, expert, t);

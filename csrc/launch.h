@@ -32,6 +32,11 @@ enum ErrorField : int {
 };
 enum ErrorStatus : int { kOk = 0, kTimeout = 1, kRuntimeTokensMismatch = 2, kExpertIdOutOfRange = 3 };
 
+// A top-k id of -1 means "no expert for this slot": vLLM's routers write it for
+// padding tokens (DP and CUDA-graph padding, VLLM_MOE_SKIP_PADDING). The slot is
+// skipped without an error; any other id outside [0, num_experts) is an error.
+constexpr int kNoExpert = -1;
+
 struct CommonParams {
   int rank;
   int ep_size;
@@ -41,7 +46,7 @@ struct CommonParams {
   int runtime_max_tokens;   // M_rt for this step: identical on every rank, >= every T_r
   uint64_t peer_workspaces[kMaxRanks];  // base address of every rank's workspace, as seen by this rank
   WorkspaceLayout layout;
-  const int32_t* topk_ids;      // [T_r, top_k] global expert ids
+  const int32_t* topk_ids;      // [T_r, top_k] global expert ids, or kNoExpert
   const int32_t* expert_owner;  // [num_experts] rank owning each (physical) expert
   int32_t* error_record;        // device alias of host-mapped int32[kErrorRecordSize]
   uint64_t timeout_ns;

@@ -180,9 +180,11 @@ def test_single_rank_mode_runs_our_kernels_in_the_engine(tiny_model, tmp_path, g
                         *flags, env={"VLLM_A2A_TEST_SINGLE_RANK_EP": "1"})
     counts = check_counts(ours)
     assert counts["start"] > 0  # profiling / warm-up ran through our kernels
-    # One forward per generated token (the 4 short prompts batch into one step).
-    assert counts["prefill"] == NUM_MOE_LAYERS, counts
-    assert counts["generate"] == NUM_MOE_LAYERS * MAX_TOKENS, counts
+    # One forward per generated token (the 4 short prompts batch into one step);
+    # vLLM's async scheduling may run one more step before it sees the requests end.
+    assert counts["prefill"] in (NUM_MOE_LAYERS, 2 * NUM_MOE_LAYERS), counts
+    assert counts["generate"] in (NUM_MOE_LAYERS * MAX_TOKENS,
+                                  NUM_MOE_LAYERS * (MAX_TOKENS + 1)), counts
     if graphs:
         assert counts["generate_host_calls"] < counts["generate"], counts  # graph replays
     else:
@@ -214,11 +216,12 @@ def test_two_dp_ranks_on_one_gpu_run_our_kernels(tiny_model, tmp_path, graphs, q
     assert [c["allocation"] for c in counts] == ["cuda_ipc", "cuda_ipc"]
     for phase in ("start", "prefill", "generate"):
         assert counts[0][phase] == counts[1][phase], (phase, counts)  # lock step
-    assert counts[0]["start"] > 0 and counts[0]["prefill"] == NUM_MOE_LAYERS, counts
+    assert counts[0]["start"] > 0, counts
+    assert counts[0]["prefill"] in (NUM_MOE_LAYERS, 2 * NUM_MOE_LAYERS), counts
     # Rank 0 needs MAX_TOKENS forward steps; rank 1 joins each with a real or a
-    # dummy batch (vLLM may add one more dummy step while the wave winds down).
+    # dummy batch (async scheduling and the end of a DP wave may add steps).
     assert (NUM_MOE_LAYERS * MAX_TOKENS <= counts[0]["generate"]
-            <= NUM_MOE_LAYERS * (MAX_TOKENS + 1)), counts
+            <= NUM_MOE_LAYERS * (MAX_TOKENS + 2)), counts
     outputs = ranks[0]["outputs"] + ranks[1]["outputs"]
     summary = compare_greedy(outputs, reference["outputs"], LOGPROB_TOL[quantization])
     print("ENGINE_RESULT", json.dumps({"counts": counts, "tokens": summary,

@@ -91,3 +91,52 @@ def _rank_pool(rank, world_size, port, force_symmetric_first):
                          ids=["shared-gpu-detected", "symmetric-fails-falls-back"])
 def test_pool_uses_cuda_ipc_for_ranks_sharing_a_gpu(force_symmetric_first):
     run_ranks(_rank_pool, 2, force_symmetric_first)
+
+
+def _rank_pool_recover(rank, world_size, port):
+    """A peer that skips a dispatch: the waiting rank times out with a named error,
+    the failure is sticky, every rank recovers through the pool, and a checked
+    round follows on the same workspaces."""
+    import torch.distributed as dist
+
+    from tests.data import random_hidden, random_topk_ids, random_weights
+    from vllm_a2a_plugin import A2AConfig, AllToAllSpec
+    from vllm_a2a_plugin.errors import A2ATimeoutError
+    from vllm_a2a_plugin.padding import linear_expert_owner
+    from vllm_a2a_plugin.pool import AllToAllPool
+    from vllm_a2a_plugin.reference import dispatch_reference
+
+    torch.cuda.set_device(0)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    spec = AllToAllSpec(ep_size=world_size, max_tokens_per_rank=8, hidden_size=256, top_k=2,
+                        num_experts=8)
+    pool = AllToAllPool(dist.group.WORLD, device="cuda:0", config=A2AConfig(timeout_s=2.0))
+    a2a = pool.all_to_all(spec)
+    gen = torch.Generator().manual_seed(9)
+    ids = [random_topk_ids(gen, 4, 2, 8) for _ in range(world_size)]
+    xs = [random_hidden(gen, 4, 256, torch.bfloat16) for _ in range(world_size)]
+    ws = [random_weights(gen, 4, 2) for _ in range(world_size)]
+    if rank == 0:  # rank 1 never dispatches this step
+        a2a.dispatch(xs[0].cuda(), ids[0].cuda(), ws[0].cuda(), runtime_max_tokens=4)
+        with pytest.raises(A2ATimeoutError, match="rank 0 timed out"):
+            a2a.synchronize()
+        with pytest.raises(A2ATimeoutError, match="raised again"):
+            a2a.dispatch(xs[0].cuda(), ids[0].cuda(), ws[0].cuda(), runtime_max_tokens=4)
+    failed = torch.tensor([len(pool.failures())], dtype=torch.int32)
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    assert int(failed) == 1
+    pool.recover()
+    assert pool.failures() == []
+    got = a2a.dispatch(xs[rank].cuda(), ids[rank].cuda(), ws[rank].cuda(), runtime_max_tokens=4)
+    a2a.synchronize()
+    ref = dispatch_reference(xs=xs, topk_ids=ids, topk_weights=ws,
+                             expert_owner=linear_expert_owner(8, world_size),
+                             runtime_max_tokens=4)[rank]
+    assert torch.equal(got.recv_topk_ids.cpu(), ref.recv_topk_ids)
+    a2a.combine(torch.zeros((world_size * 4, 256), dtype=torch.bfloat16, device="cuda"))
+    a2a.synchronize()
+    pool.destroy()
+
+
+def test_pool_recovers_processes_sharing_a_gpu_after_a_lost_step():
+    run_ranks(_rank_pool_recover, 2)

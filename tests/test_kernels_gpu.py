@@ -433,3 +433,32 @@ def test_ops_trace_under_torch_compile():
     # Each token went to exactly one expert's rank and came back unchanged.
     torch.testing.assert_close(outs[0], x[0])
     torch.testing.assert_close(outs[1], x[1])
+
+
+@pytest.mark.parametrize("check_ids", [True, False])
+def test_no_expert_slots_are_skipped_without_error(check_ids):
+    """vLLM's routers give padding tokens top-k id -1 (VLLM_MOE_SKIP_PADDING):
+    such slots reach no rank and add nothing, with or without the host check,
+    and a token whose every slot is -1 combines to zeros."""
+    gen = torch.Generator().manual_seed(11)
+    spec = AllToAllSpec(ep_size=2, max_tokens_per_rank=8, hidden_size=256, top_k=3,
+                        num_experts=8)
+    ranks = LocalRanks(spec, config=A2AConfig(timeout_s=5.0, check_expert_ids=check_ids))
+    poison_workspaces(ranks, gen)
+    counts = [6, 3]
+    xs, ids, ws, _, _ = make_inputs(gen, spec, counts)
+    ids[0][1] = -1          # a padding token: no expert at all
+    ids[0][2, 0] = -1       # one slot without an expert, two with
+    ids[1][:, 2] = -1
+    results = ranks.dispatch(to_gpu(xs), to_gpu(ids), to_gpu(ws))
+    ranks.synchronize()
+    owner = linear_expert_owner(8, 2)
+    assert_dispatch_matches(results, dispatch_reference(
+        xs=xs, topk_ids=ids, topk_weights=ws, expert_owner=owner), spec)
+    ys = [torch.randn((2 * 6, 256), generator=gen).bfloat16() for _ in range(2)]
+    outs = ranks.combine(to_gpu(ys))
+    ranks.synchronize()
+    expected = combine_reference(ys=ys, topk_ids=ids, expert_owner=owner, runtime_max_tokens=6)
+    for got, exp in zip(outs, expected):
+        torch.testing.assert_close(got.float().cpu(), exp.float(), rtol=1e-5, atol=1e-5)
+    assert torch.count_nonzero(outs[0][1]) == 0

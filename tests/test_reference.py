@@ -99,9 +99,9 @@ def test_dispatch_input_validation_messages():
     with pytest.raises(A2AInputError, match=r"runtime_max_tokens \(5\) exceeds the workspace's "
                                             r"max_tokens_per_rank \(4\)"):
         check_dispatch_inputs(spec, **{**ok, "runtime_max_tokens": 5})
-    with pytest.raises(A2AInputError, match=r"topk_ids\[2, 0\] = -1 is out of range: expert ids "
+    with pytest.raises(A2AInputError, match=r"topk_ids\[2, 0\] = -3 is out of range: expert ids "
                                             r"must be in \[0, 4\)"):
-        check_expert_ids_in_range(torch.tensor([[0, 1], [2, 3], [-1, 0]], dtype=torch.int32), 4)
+        check_expert_ids_in_range(torch.tensor([[0, 1], [2, 3], [-3, 0]], dtype=torch.int32), 4)
 
 
 def test_workspace_layout_from_cpp():
@@ -169,3 +169,28 @@ def _reference_ranks(rank, world_size, port, counts):
 
 def test_reference_all_to_all_over_gloo_with_an_empty_rank():
     run_ranks(_reference_ranks, 3, [4, 0, 9])
+
+
+def test_no_expert_slots_go_nowhere():
+    """-1 (vLLM's id for padding tokens' slots) sends the slot to no rank and adds
+    nothing in combine; a token whose every slot is -1 combines to zeros."""
+    from vllm_a2a_plugin.reference import combine_reference, dispatch_reference
+    from vllm_a2a_plugin.validation import check_expert_ids_in_range
+
+    owner = torch.tensor([0, 0, 1, 1], dtype=torch.int32)
+    ids = [torch.tensor([[0, -1], [-1, -1], [2, 3]], dtype=torch.int32),
+           torch.zeros((0, 2), dtype=torch.int32)]
+    check_expert_ids_in_range(ids[0], 4)  # -1 is allowed
+    xs = [torch.arange(3 * 16, dtype=torch.float32).reshape(3, 16).bfloat16(),
+          torch.zeros((0, 16), dtype=torch.bfloat16)]
+    ws = [torch.ones((3, 2), dtype=torch.float32), torch.zeros((0, 2), dtype=torch.float32)]
+    recv = dispatch_reference(xs=xs, topk_ids=ids, topk_weights=ws, expert_owner=owner)
+    assert recv[0].valid.tolist() == [True, False, False, False, False, False]
+    assert recv[1].valid.tolist() == [False, False, True, False, False, False]
+    assert recv[0].recv_topk_ids[:3].tolist() == [[0, 2], [2, 2], [2, 2]]  # pad id 2 on rank 0
+    assert recv[0].recv_topk_weights[:3].tolist() == [[1.0, 0.0], [0.0, 0.0], [0.0, 0.0]]
+    ys = [torch.ones((6, 16), dtype=torch.bfloat16), 2 * torch.ones((6, 16), dtype=torch.bfloat16)]
+    out = combine_reference(ys=ys, topk_ids=ids, expert_owner=owner, runtime_max_tokens=3)[0]
+    assert out[:, 0].tolist() == [1.0, 0.0, 2.0]
+    with pytest.raises(A2AInputError, match=r"= -2 is out of range.*or -1 for a slot"):
+        check_expert_ids_in_range(torch.tensor([[1, -2]], dtype=torch.int32), 4)

@@ -13,6 +13,8 @@ current CUDA stream, allocation-free once shapes repeat, without host syncs
 
 from __future__ import annotations
 
+import ctypes
+import time
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +23,7 @@ from vllm_a2a_plugin import ops
 from vllm_a2a_plugin.config import A2AConfig
 from vllm_a2a_plugin.errors import (
     A2ADeviceError,
+    A2AExpertIdError,
     A2AInputError,
     A2AMismatchError,
     A2AStateError,
@@ -38,6 +41,9 @@ PHASE_BOTH = ops.PHASE_BOTH
 # Indices into the int32[8] error record (csrc/launch.h ErrorField / ErrorStatus).
 _ERR_STATUS, _ERR_RANK, _ERR_PEER, _ERR_PHASE, _ERR_EPOCH, _ERR_D0, _ERR_D1 = range(7)
 _STATUS_TIMEOUT, _STATUS_MISMATCH, _STATUS_BAD_ID = 1, 2, 3
+# report_error() claims the record by writing -1, fills the fields, then the status.
+_STATUS_WRITING = -1
+_RECORD_WRITE_WAIT_S = 1.0
 _PHASE_NAMES = {0: "dispatch", 1: "combine"}
 # Receive views kept per runtime M; vLLM's M takes one value per CUDA-graph size
 # (and any value in eager steps), so the cache is bounded.
@@ -125,6 +131,11 @@ class OneSidedAllToAll:
         self._error_record = torch.zeros(8, dtype=torch.int32, device="cpu", pin_memory=True)
         self._error_record_ptr = int(
             torch.ops.a2a_one_sided.error_record_device_address(self._error_record))
+        # The status word read through ctypes: a plain host load, no tensor op, so
+        # the check before every launch costs well under a microsecond.
+        self._error_status = ctypes.c_int32.from_address(self._error_record.data_ptr())
+        self._failure: A2ADeviceError | None = None  # sticky: see check_errors()
+        self._failure_raised = False
         self._phase = "idle"
         self._runtime_max_tokens = 0
         self._topk_ids: torch.Tensor | None = None
@@ -354,28 +365,105 @@ class OneSidedAllToAll:
 
     # ----------------------------------------------------------------- errors
     def check_errors(self) -> None:
-        """Raise if a kernel of this rank recorded an error (reads host memory only)."""
-        status = int(self._error_record[_ERR_STATUS])
-        if status == 0:
+        """Raise if a kernel of this rank recorded an error; cheap, no CUDA call.
+
+        Reads one word of the host-mapped error record. The first error is
+        kept (sticky): from then on every call of this object (``dispatch``,
+        ``combine``, their wait halves, this method) raises it again at once,
+        without launching anything, until :meth:`recover`.
+        """
+        if self._failure is None and self._error_status.value == 0:
             return
+        self._raise_failure()
+
+    def _raise_failure(self) -> None:
+        if self._failure is None:
+            self._failure = self._read_error_record()
+        if self._failure_raised:
+            raise self._failure.again()
+        self._failure_raised = True
+        raise self._failure
+
+    def _read_error_record(self) -> A2ADeviceError:
+        """The recorded error; waits out a record still being written (status -1)."""
+        deadline = time.monotonic() + _RECORD_WRITE_WAIT_S
+        while self._error_status.value == _STATUS_WRITING and time.monotonic() < deadline:
+            time.sleep(1e-4)
         rec = [int(v) for v in self._error_record.tolist()]
-        raise error_from_record(rec, timeout_s=self.config.timeout_s)
+        return error_from_record(rec, timeout_s=self.config.timeout_s,
+                                 num_experts=self.spec.num_experts)
+
+    @property
+    def failure(self) -> A2ADeviceError | None:
+        """The device error this object has seen (and keeps raising), or None.
+
+        Only errors already read count; call :meth:`check_errors` (or
+        :meth:`synchronize`) first to read the record. Engines exchange this
+        across ranks to decide on a collective :meth:`recover`.
+        """
+        if self._failure is None and self._error_status.value != 0:
+            self._failure = self._read_error_record()
+        return self._failure
 
     def synchronize(self) -> None:
         """Wait for this rank's queued work, then raise any recorded error."""
         torch.cuda.synchronize(self.device)
         self.check_errors()
 
-    def reset_error(self) -> None:
-        """Clear a recorded error (tests; the workspace is unusable after a timeout)."""
+    def recover(self, *, reinitialize_workspace: bool = True) -> None:
+        """Make a failed (or healthy) all-to-all usable again: collective.
+
+        Every rank of the group calls it, after its last dispatch/combine of the
+        failed step, including ranks that saw no error (a late peer may have
+        finished without one). It resets the protocol state of the workspace
+        in place (:meth:`Workspace.reinitialize`: wait for this device's work,
+        barrier, zero the epoch/flag header, barrier), then forgets this
+        object's error and half-finished step. Buffers keep their addresses,
+        so CUDA graphs captured before the failure replay correctly after it.
+
+        A workspace holding several logical ranks (:class:`LocalRanks`) is
+        reinitialised once for all of them: ``LocalRanks.recover()`` does that
+        and calls this with ``reinitialize_workspace=False`` on every rank.
+
+        Not recoverable this way: a peer process that died (the group itself
+        must be rebuilt) and a CUDA error that poisoned the context (illegal
+        address, trap): those need a new process.
+        """
+        if reinitialize_workspace:
+            if len(self.workspace.buffers) > 1:
+                raise A2AStateError(
+                    f"this workspace holds ranks {self.workspace.local_ranks} of one process: "
+                    "recover them together with LocalRanks.recover() (or "
+                    "Workspace.reinitialize(), then recover(reinitialize_workspace=False) "
+                    "on each rank)")
+            self.workspace.reinitialize()
+        else:
+            # The caller reinitialised the workspace; no kernel of ours is running.
+            torch.cuda.synchronize(self.device)
         self._error_record.zero_()
+        self._failure = None
+        self._failure_raised = False
+        self._combine_dst = None
+        self._finish_round()
+
+    def reset_error(self) -> None:
+        """Forget a recorded error without touching the workspace.
+
+        Only safe when the protocol is known to be in step on every rank (an
+        expert-id error, which does not stop a round); after a timeout or a
+        mismatch use :meth:`recover` on every rank.
+        """
+        self._error_record.zero_()
+        self._failure = None
+        self._failure_raised = False
 
     @property
     def phase(self) -> str:
         return self._phase
 
     def completed_rounds(self) -> tuple[int, int]:
-        """``(dispatches, combines)`` this rank completed since its workspace was made.
+        """``(dispatches, combines)`` this rank completed since its workspace was made
+        (or last recovered: :meth:`recover` resets the epochs).
 
         Read from the epoch counters the kernels keep in the workspace header,
         so CUDA-graph replays count too (host-side call counters only see the
@@ -391,27 +479,50 @@ class OneSidedAllToAll:
         return counters[0], counters[1]
 
 
-def error_from_record(rec: list[int], *, timeout_s: float) -> A2ADeviceError:
-    """Turn the kernels' int32 error record into an exception with a plain message."""
+def error_from_record(rec: list[int], *, timeout_s: float,
+                      num_experts: int | None = None) -> A2ADeviceError:
+    """Turn the kernels' int32 error record into an exception with a plain message.
+
+    Args:
+        rec: the record's 8 words (csrc/launch.h ``ErrorField``).
+        timeout_s: the configured timeout, quoted in timeout messages.
+        num_experts: quoted in the expert-id message when given.
+    """
     status = rec[_ERR_STATUS]
     rank, peer, epoch = rec[_ERR_RANK], rec[_ERR_PEER], rec[_ERR_EPOCH]
     phase = _PHASE_NAMES.get(rec[_ERR_PHASE], f"phase {rec[_ERR_PHASE]}")
+    fields = dict(rank=rank, peer=peer, phase=phase, epoch=epoch, record=tuple(rec))
+    recovery = (" This all-to-all now refuses work; call recover() on every rank "
+                "(see OneSidedAllToAll.recover).")
     if status == _STATUS_TIMEOUT:
         return A2ATimeoutError(
             f"a2a_one_sided: rank {rank} timed out after {timeout_s:g} s in {phase} waiting "
             f"for peer {peer} (epoch {epoch}, its flag still read {rec[_ERR_D0]}). The peer "
-            "died, hung, or made a different number of dispatch/combine calls.",
-            rank=rank, peer=peer, phase=phase, epoch=epoch)
+            "died, hung, or made a different number of dispatch/combine calls." + recovery,
+            **fields)
     if status == _STATUS_MISMATCH:
         return A2AMismatchError(
             f"a2a_one_sided: rank {rank} used runtime_max_tokens={rec[_ERR_D1]} in {phase} "
             f"but peer {peer} used {rec[_ERR_D0]} (epoch {epoch}); every rank must pass the "
-            "same value in a step.",
-            rank=rank, peer=peer, phase=phase, epoch=epoch)
+            "same value in a step. The received slots of this step are garbage." + recovery,
+            **fields)
     if status == _STATUS_BAD_ID:
+        valid = f"[0, {num_experts})" if num_experts is not None else "[0, num_experts)"
+        return A2AExpertIdError(
+            f"a2a_one_sided: rank {rank} dispatched top-k id {rec[_ERR_D0]} for its token "
+            f"{rec[_ERR_D1]}, outside {valid} and not -1 (the host-side id check was off; "
+            "only the first bad id is recorded). The kernels skipped that top-k slot: no rank "
+            "received it (every rank's recv_topk_ids holds its padding id there, weight 0) "
+            "and combine left it out of the token's sum. The token's other, valid slots "
+            "were delivered and combined as usual; a token with no valid slot reached no "
+            "rank and combines to zeros. Mark a slot without an expert with -1 (as vLLM "
+            "does for padding tokens), or enable check_expert_ids." + recovery,
+            **fields)
+    if status == _STATUS_WRITING:
         return A2ADeviceError(
-            f"a2a_one_sided: rank {rank} saw expert id {rec[_ERR_D0]} out of range at token "
-            f"{rec[_ERR_D1]} in {phase}; the token was not sent to any expert.",
-            rank=rank, peer=peer, phase=phase, epoch=epoch)
-    return A2ADeviceError(f"a2a_one_sided: rank {rank} recorded error status {status}",
-                          rank=rank, peer=peer, phase=phase, epoch=epoch)
+            f"a2a_one_sided: rank {rank} started recording an error but the record was "
+            "still incomplete after waiting; the kernel may have been aborted." + recovery,
+            **fields)
+    return A2ADeviceError(
+        f"a2a_one_sided: rank {rank} recorded error status {status} in {phase} (peer {peer}, "
+        f"epoch {epoch})." + recovery, **fields)

@@ -3,8 +3,12 @@
 Every check that can fail before a kernel launch raises ``A2AInputError`` (a
 ``ValueError``) whose message names the argument and prints both values. Errors
 the device reports after the fact (a peer that never arrived, ranks that
-disagree on the step size) raise ``A2ADeviceError`` subclasses built from the
-host-mapped error record the kernels write.
+disagree on the step size, an expert id out of range) raise ``A2ADeviceError``
+subclasses built from the host-mapped error record the kernels write.
+
+Device errors are sticky: once an all-to-all object has seen one, every later
+call on it raises the same error at once (no kernel is launched) until
+``OneSidedAllToAll.recover()`` ran on every rank of the group.
 """
 
 from __future__ import annotations
@@ -19,14 +23,40 @@ class A2AStateError(RuntimeError):
 
 
 class A2ADeviceError(RuntimeError):
-    """A kernel recorded an error. ``rank``, ``peer`` and ``phase`` say where."""
+    """A kernel recorded an error. ``rank``, ``peer``, ``phase`` and ``epoch`` say where.
 
-    def __init__(self, message: str, *, rank: int, peer: int, phase: str, epoch: int):
+    Attributes:
+        rank: the EP rank whose kernel recorded the error.
+        peer: the peer it concerns (the one waited for, or whose value
+            disagreed), ``-1`` when none.
+        phase: ``"dispatch"`` or ``"combine"``.
+        epoch: the operation's epoch (1 = the first dispatch or combine after
+            the workspace was created or recovered); 0 when not recorded.
+        record: the raw int32 error record the kernels wrote, or None.
+    """
+
+    def __init__(self, message: str, *, rank: int, peer: int, phase: str, epoch: int,
+                 record: tuple[int, ...] | None = None):
         super().__init__(message)
         self.rank = rank
         self.peer = peer
         self.phase = phase
         self.epoch = epoch
+        self.record = record
+
+    def again(self) -> "A2ADeviceError":
+        """A fresh exception of the same type and fields, saying it is a repeat.
+
+        Raised by every call made on a failed all-to-all (a new object each time,
+        so tracebacks do not pile up on one instance).
+        """
+        repeat = type(self)(
+            f"{self.args[0]} [raised again: this all-to-all failed earlier and refuses work "
+            "until recover() runs on every rank]",
+            rank=self.rank, peer=self.peer, phase=self.phase, epoch=self.epoch,
+            record=self.record)
+        repeat.__cause__ = self
+        return repeat
 
 
 class A2ATimeoutError(A2ADeviceError, TimeoutError):
@@ -35,3 +65,7 @@ class A2ATimeoutError(A2ADeviceError, TimeoutError):
 
 class A2AMismatchError(A2ADeviceError):
     """Ranks disagreed on a value that must be identical (runtime max tokens)."""
+
+
+class A2AExpertIdError(A2ADeviceError):
+    """A top-k id outside ``[0, num_experts)`` reached the kernels (host check off)."""

@@ -14,6 +14,12 @@ kernels. Two ways to drive them:
   each other forever (until the timeout). So concurrent mode requires
   ``CUDA_DEVICE_MAX_CONNECTIONS >= ep_size + 1`` set before CUDA initialises
   (the tests and benchmarks set 32).
+
+Failures: every rank keeps its own sticky device error (see
+:meth:`OneSidedAllToAll.check_errors`); :meth:`LocalRanks.dispatch` and
+:meth:`LocalRanks.combine` refuse to start while any rank has failed, so one
+rank's error never leaves the others half-launched, and :meth:`LocalRanks.recover`
+resets all of them together.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import torch
 from vllm_a2a_plugin import ops
 from vllm_a2a_plugin.all_to_all import PHASE_BOTH, PHASE_SEND, DispatchResult, OneSidedAllToAll
 from vllm_a2a_plugin.config import A2AConfig
-from vllm_a2a_plugin.errors import A2AInputError
+from vllm_a2a_plugin.errors import A2ADeviceError, A2AInputError
 from vllm_a2a_plugin.validation import check_expert_ids_in_range, is_capturing
 from vllm_a2a_plugin.workspace import AllToAllSpec, Workspace
 
@@ -101,6 +107,7 @@ class LocalRanks:
 
         ``runtime_max_tokens`` defaults to the largest rank's token count.
         """
+        self._raise_if_any_failed()
         p = self.spec.ep_size
         if len(xs) != p or len(topk_ids) != p:
             raise A2AInputError(f"need one x and one topk_ids per rank ({p})")
@@ -136,6 +143,7 @@ class LocalRanks:
     def combine(self, ys: Sequence[torch.Tensor | None] | None = None,
                 outs: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
         """Combine for every rank; returns each rank's ``[T_r, H]`` output."""
+        self._raise_if_any_failed()
         p = self.spec.ep_size
         ys = ys if ys is not None else [None] * p
         outs = outs if outs is not None else [None] * p
@@ -147,7 +155,30 @@ class LocalRanks:
         return self._run_concurrently(
             lambda rank: self.ranks[rank].combine(ys[rank], out=outs[rank], phases=PHASE_BOTH))
 
-    def synchronize(self) -> None:
-        torch.cuda.synchronize(self.workspace.device)
+    def _raise_if_any_failed(self) -> None:
+        """Raise the lowest failed rank's error (read from host memory, no sync)."""
         for a2a in self.ranks:
             a2a.check_errors()
+
+    def failures(self) -> dict[int, A2ADeviceError]:
+        """Every rank's recorded device error, by rank (reads host memory only)."""
+        return {rank: a2a.failure for rank, a2a in enumerate(self.ranks)
+                if a2a.failure is not None}
+
+    def synchronize(self) -> None:
+        """Wait for the device, read every rank's error record, raise the first.
+
+        Every failed rank keeps its error (sticky), not only the one raised.
+        """
+        torch.cuda.synchronize(self.workspace.device)
+        failed = self.failures()
+        if failed:
+            self.ranks[min(failed)].check_errors()
+
+    def recover(self) -> None:
+        """Make every rank usable again after a device error (see
+        :meth:`OneSidedAllToAll.recover`): waits for the device, zeroes every
+        rank's workspace header once, forgets every rank's error and step."""
+        self.workspace.reinitialize()
+        for a2a in self.ranks:
+            a2a.recover(reinitialize_workspace=False)

@@ -193,6 +193,26 @@ class AllToAllPool:
             dist.barrier(group=self.cpu_group)
             a2a.workspace.release()
 
+    def failures(self) -> list:
+        """The sticky errors of this rank's all-to-alls (empty when all are healthy)."""
+        return [a2a.failure for a2a in self.all_to_alls()
+                if getattr(a2a, "failure", None) is not None]
+
+    def recover(self) -> None:
+        """Make every all-to-all of the group usable again after a device error.
+
+        Collective: every EP rank calls it (also ranks that saw no error), after
+        its last launch of the failed step; ranks agree that one failed by
+        exchanging :meth:`failures` (e.g. an all-reduce on ``cpu_group``).
+        Workspaces are reset in place in creation order, the same on every rank
+        (:meth:`OneSidedAllToAll.recover`: device sync, barrier, zeroed header,
+        barrier), so buffers keep their addresses and captured CUDA graphs stay
+        valid. A dead peer process cannot be recovered this way.
+        """
+        for a2a in self.all_to_alls():
+            if isinstance(a2a, OneSidedAllToAll):
+                a2a.recover()
+
     def destroy(self) -> None:
         """Free every workspace (collective: every rank calls it)."""
         for key in list(self._all_to_alls):

@@ -20,8 +20,8 @@ import torch
 from vllm_a2a_plugin.all_to_all import DispatchResult
 from vllm_a2a_plugin.errors import A2AInputError, A2AStateError
 from vllm_a2a_plugin.padding import linear_expert_owner, padding_ids_for_ranks
-from vllm_a2a_plugin.validation import (check_dispatch_inputs, check_expert_ids_in_range,
-                                        check_tensor, row_bytes)
+from vllm_a2a_plugin.validation import (NO_EXPERT, check_dispatch_inputs,
+                                        check_expert_ids_in_range, check_tensor, row_bytes)
 from vllm_a2a_plugin.workspace import AllToAllSpec
 
 # The reference computes on the host whatever the caller's default device is
@@ -84,7 +84,7 @@ def dispatch_reference(
             n = ids.shape[0]
             if n == 0:
                 continue
-            local = owner[ids] == r  # [n, K]
+            local = _owner_of(owner, ids) == r  # [n, K]
             recv_ids[s, :n] = torch.where(local, ids, torch.full_like(ids, pads[r])).to(torch.int32)
             if topk_weights is not None and topk_weights[s] is not None:
                 recv_w[s, :n] = torch.where(local, topk_weights[s].cpu().float(), 0.0)
@@ -108,6 +108,11 @@ def dispatch_reference(
             valid=valid.reshape(p * m),
         ))
     return results
+
+
+def _owner_of(owner: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Owning rank of each id; -1 for ``NO_EXPERT`` slots (they go nowhere)."""
+    return torch.where(ids == NO_EXPERT, torch.full_like(ids, -1), owner[ids.clamp_min(0)])
 
 
 def combine_reference(*, ys: Sequence[torch.Tensor], topk_ids: Sequence[torch.Tensor],
@@ -136,8 +141,9 @@ def combine_reference(*, ys: Sequence[torch.Tensor], topk_ids: Sequence[torch.Te
         n = ids.shape[0]
         acc = torch.zeros((n, hidden), dtype=torch.float32, device=_CPU)
         if n:
-            targets = torch.zeros((n, p), dtype=torch.bool, device=_CPU)
-            targets.scatter_(1, owner[ids], True)
+            ranks = torch.arange(p, dtype=torch.int64, device=_CPU)
+            # [n, p]: token t goes to rank r (NO_EXPERT slots, owner -1, go nowhere)
+            targets = (_owner_of(owner, ids).unsqueeze(-1) == ranks).any(dim=1)
             for r in range(p):
                 acc[targets[:, r]] += y3[r][s, :n][targets[:, r]]
         outs.append(acc.to(out_dtype))

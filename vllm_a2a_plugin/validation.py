@@ -99,15 +99,21 @@ def check_dispatch_inputs(
     return num_tokens
 
 
+NO_EXPERT = -1
+"""A top-k id meaning "no expert for this slot" (csrc/launch.h ``kNoExpert``):
+vLLM's routers write it for padding tokens (``VLLM_MOE_SKIP_PADDING``). The slot
+is skipped: no rank receives it, and combine adds nothing for it."""
+
+
 def check_expert_ids_in_range(topk_ids: torch.Tensor, num_experts: int) -> None:
-    """Host-side range check of top-k ids (one device sync)."""
+    """Host-side range check of top-k ids (one device sync); ``NO_EXPERT`` passes."""
     if topk_ids.numel() == 0:
         return
-    bad = (topk_ids < 0) | (topk_ids >= num_experts)
+    bad = ((topk_ids < 0) & (topk_ids != NO_EXPERT)) | (topk_ids >= num_experts)
     if bool(bad.any()):
         token, slot = (int(v) for v in torch.nonzero(bad)[0])
         value = int(topk_ids[token, slot])
         raise A2AInputError(
             f"topk_ids[{token}, {slot}] = {value} is out of range: expert ids must be in "
-            f"[0, {num_experts})"
+            f"[0, {num_experts}), or {NO_EXPERT} for a slot without an expert"
         )

@@ -300,3 +300,37 @@ class Workspace:
         self.buffers.clear()
         self.peer_ptrs = []
         self.peer_mappings = None
+
+    def reinitialize(self) -> None:
+        """Reset the protocol state of this process's buffers in place: collective.
+
+        Zeroes the header (flags, epochs, block counters) of every local buffer,
+        so every rank starts again at epoch 1; payload regions need no reset
+        (a receiver reads a slot only after its sender's flag of that epoch).
+        Buffers keep their addresses: peer tables and CUDA graphs stay valid.
+
+        The rule that makes it safe against a stalled peer whose kernel is
+        still spinning, or runs late and writes into the fresh header:
+          1. every rank waits for all work on its device (each of our kernels
+             ends, at the latest, when its timeout passes);
+          2. barrier: now no rank has a kernel in flight that could write into
+             a peer's workspace;
+          3. each rank zeroes its own headers and waits for that;
+          4. barrier: no rank signals a peer whose header is not zeroed yet.
+        Every rank of ``group`` must call it, after its last launch of the
+        failed step. With all ranks in this process (``allocate_local``, no
+        group) steps 2 and 4 are nothing to wait for.
+        """
+        device = self.device
+        torch.cuda.synchronize(device)
+        if self.group is not None:
+            import torch.distributed as dist
+
+            dist.barrier(group=self.group)
+        for buffer in self.buffers.values():
+            buffer[self.layout.header:self.layout.recv_topk_ids].zero_()
+        torch.cuda.synchronize(device)
+        if self.group is not None:
+            import torch.distributed as dist
+
+            dist.barrier(group=self.group)

@@ -48,6 +48,8 @@ DEFAULT_REQUESTS = [{"prompt": p, "max_tokens": 8} for p in (
 def _counts(llm) -> list[dict]:
     from vllm_a2a_plugin.vllm.manager import ep_round_counts
 
+    # A function (not a worker method name) crosses to the workers pickled,
+    # which vLLM allows only with VLLM_ALLOW_INSECURE_SERIALIZATION (set in main).
     return llm.collective_rpc(ep_round_counts)
 
 
@@ -117,6 +119,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    # Test tool only: lets collective_rpc carry our counter function to the workers.
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
     result = run(args)
     result["env"] = {k: v for k, v in os.environ.items()
                      if k.startswith(("VLLM_A2A", "VLLM_DP", "VLLM_DISABLE"))}

@@ -49,6 +49,11 @@ class OneSidedAll2AllManager(All2AllManagerBase):
         """vLLM's generic accessor: ``kwargs`` are :class:`AllToAllSpec` fields."""
         return self.all_to_all(AllToAllSpec(**kwargs))
 
+    def recover(self) -> None:
+        """Reset every workspace after a device error (collective; see
+        :meth:`AllToAllPool.recover`)."""
+        self.pool.recover()
+
     def destroy(self) -> None:
         """Free every workspace (vLLM calls this on shutdown)."""
         self.pool.destroy()

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# One-GPU runs (issues 12 and 16), one step per device call (each fits the
+# 10-minute limit). Run from the repo root on the lent GPU machine; steps marked
+# (bundle) need the vLLM bundle staged first (README, "Developing"): carry one
+# .bundle part per call and begin the command with `bash scripts/gpu_session.sh stage;`.
+#
+#   bash scripts/gpu_session.sh stage           # store this call's bundle part (unpacks after the last)
+#   bash scripts/gpu_session.sh kernels         # build; kernels, IPC processes, faults, resources
+#   bash scripts/gpu_session.sh soak            # >= 10^6 checked rounds -> $OUT/soak.json
+#   bash scripts/gpu_session.sh experts         # (bundle) vLLM's experts on our dispatch/combine
+#   bash scripts/gpu_session.sh engine "<-k expr>"   # (bundle) engine tests, e.g. "eager and bf16"
+#
+# Logs and JSON go to $OUT (the device tool's output folder) or ./out.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+step=${1:?usage: gpu_session.sh stage|kernels|soak|experts|engine [pytest -k expression]}
+out=${OUT:-out}
+mkdir -p "$out"
+# NVLink multicast stays off on these machines (it can take the host's GPUs down).
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONUNBUFFERED=1 CUDA_DEVICE_MAX_CONNECTIONS=32 VLLM_A2A_CUDA_ARCHS=90a
+export VLLM_A2A_BUILD_DIR=${VLLM_A2A_BUILD_DIR:-/tmp/a2a_build}
+commit=${A2A_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+with_vllm() {
+  export PYTHONPATH=/tmp/vllm_site VLLM_USE_FLASHINFER_SAMPLER=0
+  # Registers our entry point for vLLM's plugin loader (and builds the kernels).
+  python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | tail -3
+}
+case "$step" in
+  stage)
+    python3 scripts/vllm_bundle.py stage --bundle .bundle --target /tmp/vllm_site 2>&1 | tail -2 ;;
+  kernels)
+    python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | tail -3
+    python3 -m pytest tests/test_kernels_gpu.py tests/test_ipc_one_gpu.py \
+      tests/test_default_device_gpu.py tests/test_faults_gpu.py tests/test_resources_gpu.py \
+      -q --timeout 300 -p no:cacheprovider -rs 2>&1 | tee "$out/kernels.log" | tail -15
+    python3 benchmarks/resource_cycles.py --cycles 10000 --out "$out/resource_cycles.json" \
+      2>&1 | tail -8 ;;
+  soak)
+    A2A_COMMIT=$commit python3 benchmarks/soak.py --out "$out/soak.json" --rounds 1000000 \
+      --minutes "${SOAK_MINUTES:-8}" 2>&1 | tee "$out/soak.log" | tail -8 ;;
+  experts)
+    with_vllm
+    python3 -m pytest tests/test_vllm_gpu_experts.py -q --timeout 200 -p no:cacheprovider \
+      2>&1 | tee "$out/experts.log" | tail -5 ;;
+  engine)
+    with_vllm
+    python3 -m pytest tests/test_engine.py -v -s --timeout 900 -p no:cacheprovider -rs \
+      -k "${2:-not multigpu}" 2>&1 | tee "$out/engine.log" \
+      | grep -E "ENGINE_RESULT|PASSED|FAILED|SKIPPED|Error|^E " | tail -40
+    cp /tmp/pytest-of-*/pytest-*/test_two_dp*/rank*.log "$out/" 2>/dev/null || true ;;
+  *) echo "unknown step $step" >&2; exit 2 ;;
+esac
