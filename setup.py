@@ -1,9 +1,16 @@
-"""Builds the ``vllm_a2a_plugin._C`` extension at install.
+"""Builds the ``vllm_a2a_plugin`` extension at install.
 
-* torch with CUDA and nvcc present: kernels for sm_90a and sm_100a
-  (override with VLLM_A2A_CUDA_ARCHS, e.g. "90a").
-* otherwise: a CPU-only build (workspace layout op and op schemas), so CPU
-  installs share the layout with the kernels; kernels are then unavailable.
+* ``vllm_a2a_plugin._C_cuda_torch<version>`` (the CUDA kernels for sm_90a and sm_100a;
+  override with VLLM_A2A_CUDA_ARCHS, e.g. "90a") when
+  ``ops.kernel_build_decision()`` says so: torch has CUDA, a GPU is visible and
+  the CUDA toolkit as torch's extension tools find it (CUDA_HOME) has every
+  header and library the build needs. ``VLLM_A2A_BUILD_KERNELS=yes`` builds
+  them without a GPU (and fails with one message naming what the toolkit
+  lacks); ``=no`` never builds them.
+* otherwise ``vllm_a2a_plugin._C_cpu_torch<version>``, a CPU-only build (workspace layout op
+  and op schemas), so CPU installs share the layout with the kernels; the
+  install says why the kernels were not built, and a GPU machine JIT-builds
+  them on first use (``vllm_a2a_plugin/ops.py``).
 
 Entry points come from the top-level entry_points.txt (one source of truth).
 Install without build isolation so the build sees the torch you run with:
@@ -48,23 +55,26 @@ def extensions():
     import torch  # noqa: F401
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    from vllm_a2a_plugin.ops import cuda_toolchain_available, nvcc_flags
+    from vllm_a2a_plugin.ops import extension_name, kernel_build_decision, nvcc_flags
 
     include = [str(ROOT / "csrc")]
-    if cuda_toolchain_available():
+    decision = kernel_build_decision()
+    # pip shows this with -v; the install script prints ops.kernel_status() too.
+    print(f"vllm-a2a-plugin: {decision.reason}", file=sys.stderr)
+    if decision.build_cuda:
         ext = CUDAExtension(
-            "vllm_a2a_plugin._C",
+            f"vllm_a2a_plugin.{extension_name('cuda')}",
             sources=["csrc/bindings.cpp", "csrc/dispatch.cu", "csrc/combine.cu"],
             include_dirs=include,
-            extra_compile_args={"cxx": ["-O2", "-std=c++17", "-DA2A_WITH_CUDA"],
+            extra_compile_args={"cxx": ["-O2", "-DA2A_WITH_CUDA"],
                                 "nvcc": nvcc_flags()},
         )
     else:
         ext = CppExtension(
-            "vllm_a2a_plugin._C",
+            f"vllm_a2a_plugin.{extension_name('cpu')}",
             sources=["csrc/bindings.cpp"],
             include_dirs=include,
-            extra_compile_args=["-O2", "-std=c++17"],
+            extra_compile_args=["-O2"],
         )
     return [ext], {"build_ext": BuildExtension}
 

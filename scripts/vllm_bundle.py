@@ -1,26 +1,33 @@
-"""Offline bundle of vllm==0.32.0 for the GPU machines (no network, torch 2.11).
+"""Offline bundle of vLLM (0.33.0 or 0.32.0) for the GPU machines (no network, torch 2.11).
 
-What is known to work there (design §9): vLLM's stable-ABI libraries
+What is known to work there (design §9): vLLM 0.32's stable-ABI libraries
 (``_C_stable_libtorch``, ``_moe_C_stable_libtorch``, ``vllm_flash_attn/_vllm_fa3_C``)
 load with torch 2.11; with vLLM's Python code, flashinfer as vLLM pins it and
-the small packages the image lacks, the engine runs. This script only
-*configures*: it edits no vLLM or flashinfer code and writes no stub modules.
+the small packages the image lacks, the engine runs. vLLM 0.33's same three
+libraries link no c10/at:: C++ symbols either and import exactly the same set of
+torch stable-ABI C functions (``aoti_torch_*``/``torch_*``) as 0.32's, so they
+are expected to load with torch 2.11 as well. This script only *configures*: it
+edits no vLLM or flashinfer code and writes no stub modules.
 
-Steps (here, with network to the package index):
-  python scripts/vllm_bundle.py build --out .bundle
-     -> .bundle/part-00.bin ... (byte ranges of one site.tar.xz, each <= --part-mb)
-     -> .bundle/manifest.json (parts, sha256, packages, what was trimmed)
+Steps (here, with network to the package index; run it with the Python of an
+environment that has that vLLM installed, e.g. ``.venv`` for 0.33.0 and
+``.venv-vllm032`` for 0.32.0: the dependency closure is read from it):
+  .venv/bin/python scripts/vllm_bundle.py build --vllm 0.33.0 --out .bundle033
+     -> .bundle033/part-00.bin ... (byte ranges of one site.tar.xz, each <= --part-mb)
+     -> .bundle033/manifest.json (parts, sha256, packages, what was trimmed),
+        also kept as scripts/vllm_bundle_manifest_0.33.0.json
 
 Then on the GPU machine, one device call per part in quick succession (files
 under /tmp survive while the machine stays warm), each carrying that part:
-  python3 scripts/vllm_bundle.py stage --bundle .bundle --target /tmp/vllm_site
+  python3 scripts/vllm_bundle.py stage --bundle .bundle033 --target /tmp/vllm_site
 It verifies and stores the parts it finds; once all are there it unpacks the
 site; then ``export PYTHONPATH=/tmp/vllm_site``.
 
 Trimmed from vLLM's wheel: FlashAttention 2 (Hopper uses FA3), the ``vllm-rs``
 binary, and the compiled parts and C++ headers of ``third_party`` (DeepGEMM's
-extension does not load with torch 2.11; fmha_sm100 is Blackwell-only). Their
-Python modules stay, so imports keep working.
+extension does not load with torch 2.11 in 0.32; 0.33's is stable-ABI but uses
+functions 0.32's loaded libraries do not, unproven there; fmha_sm100 is
+Blackwell-only). Their Python modules stay, so imports keep working.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-VLLM_VERSION = "0.32.0"
+VLLM_VERSIONS = ("0.33.0", "0.32.0")  # newest first: the default
 PYTHON_VERSION = "3.12"
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64", "manylinux_2_34_x86_64", "manylinux_2_31_x86_64",
@@ -173,7 +180,30 @@ def split_file(path: Path, out: Path, part_bytes: int) -> list[dict]:
     return parts
 
 
+def manifest_path(vllm_version: str) -> Path:
+    """The committed manifest of the last bundle built for ``vllm_version``."""
+    return HERE / f"vllm_bundle_manifest_{vllm_version}.json"
+
+
+def check_build_environment(vllm_version: str, installed: str | None) -> None:
+    """The closure is read from this interpreter's packages: they must be the
+    requested vLLM's."""
+    if vllm_version not in VLLM_VERSIONS:
+        raise SystemExit(f"--vllm {vllm_version}: bundles are built for {', '.join(VLLM_VERSIONS)}")
+    if installed != vllm_version:
+        raise SystemExit(
+            f"--vllm {vllm_version}, but this Python ({sys.executable}) has vllm "
+            f"{installed or 'not installed'}: run the script with the Python of an environment "
+            f"with vllm=={vllm_version} (VLLM_VERSION={vllm_version} VENV=<dir> bash "
+            "scripts/install.sh makes one)")
+
+
 def cmd_build(args) -> None:
+    try:
+        installed = distribution("vllm").version
+    except PackageNotFoundError:
+        installed = None
+    check_build_environment(args.vllm, installed)
     out = Path(args.out)
     work = Path(args.work)
     wheels, site = work / "wheels", work / "site"
@@ -181,7 +211,7 @@ def cmd_build(args) -> None:
     wheels.mkdir(parents=True)
     packages = missing_packages()
     packages.pop("flashinfer-python", None)
-    pinned = {"vllm": VLLM_VERSION, "flashinfer-python": distribution("flashinfer-python").version,
+    pinned = {"vllm": args.vllm, "flashinfer-python": distribution("flashinfer-python").version,
               **packages}
     download(pinned, wheels)
     trimmed_bytes = build_site(wheels, site)
@@ -194,13 +224,14 @@ def cmd_build(args) -> None:
     out.mkdir(parents=True)
     parts = split_file(archive, out, args.part_mb * 2**20)
     manifest = {
-        "vllm": VLLM_VERSION, "python": PYTHON_VERSION, "archive": "site.tar.xz",
+        "vllm": args.vllm, "python": PYTHON_VERSION, "archive": "site.tar.xz",
         "archive_sha256": sha256(archive), "archive_bytes": archive.stat().st_size,
         "parts": parts, "packages": pinned, "trimmed": summarize_trimmed(trimmed_bytes),
-        "stage": "python3 scripts/vllm_bundle.py stage --bundle .bundle --target /tmp/vllm_site",
+        "stage": f"python3 scripts/vllm_bundle.py stage --bundle {args.out} "
+                 "--target /tmp/vllm_site",
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    shutil.copyfile(out / "manifest.json", HERE / "vllm_bundle_manifest.json")
+    shutil.copyfile(out / "manifest.json", manifest_path(args.vllm))
     print(json.dumps({k: v for k, v in manifest.items() if k != "packages"}, indent=1))
 
 
@@ -245,6 +276,8 @@ def main(argv=None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("plan", help="list the packages the GPU image lacks").set_defaults(fn=cmd_plan)
     build = sub.add_parser("build", help="download, trim, compress, split")
+    build.add_argument("--vllm", default=VLLM_VERSIONS[0], choices=VLLM_VERSIONS,
+                       help="vLLM release to bundle (default: %(default)s)")
     build.add_argument("--out", default=".bundle")
     build.add_argument("--work", default="/tmp/vllm_bundle_work")
     build.add_argument("--part-mb", type=int, default=56)

@@ -17,7 +17,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import vllm_bundle  # noqa: E402
 
-MANIFEST = ROOT / "scripts" / "vllm_bundle_manifest.json"
+# vLLM release -> the flashinfer-python it pins (both travel in the bundle).
+FLASHINFER_OF = {"0.32.0": "0.7.0.post1", "0.33.0": "0.7.2.post1"}
 STABLE_ABI_LIBS = ("vllm/_C_stable_libtorch.abi3.so", "vllm/_moe_C_stable_libtorch.abi3.so",
                    "vllm/vllm_flash_attn/_vllm_fa3_C.abi3.so")
 
@@ -73,12 +74,18 @@ def test_stage_refuses_a_corrupt_part(tmp_path):
                           "--target", str(tmp_path / "t")])
 
 
-@pytest.mark.skipif(not MANIFEST.is_file(), reason="no committed bundle manifest")
-def test_committed_manifest_describes_a_usable_bundle():
-    manifest = json.loads(MANIFEST.read_text())
-    assert manifest["vllm"] == "0.32.0" and manifest["python"] == "3.12"
-    assert manifest["packages"]["vllm"] == "0.32.0"
-    assert manifest["packages"]["flashinfer-python"] == "0.7.0.post1"
+def test_every_supported_release_has_a_committed_manifest():
+    assert set(vllm_bundle.VLLM_VERSIONS) == set(FLASHINFER_OF)
+    for version in vllm_bundle.VLLM_VERSIONS:
+        assert vllm_bundle.manifest_path(version).is_file(), version
+
+
+@pytest.mark.parametrize("version", sorted(FLASHINFER_OF))
+def test_committed_manifest_describes_a_usable_bundle(version):
+    manifest = json.loads(vllm_bundle.manifest_path(version).read_text())
+    assert manifest["vllm"] == version and manifest["python"] == "3.12"
+    assert manifest["packages"]["vllm"] == version
+    assert manifest["packages"]["flashinfer-python"] == FLASHINFER_OF[version]
     for needed in ("pydantic", "pydantic-core", "fastapi", "uvicorn", "websockets",
                    "msgspec", "pyzmq",
                    "compressed-tensors", "loguru", "apache-tvm-ffi", "xgrammar", "llguidance"):
@@ -89,3 +96,13 @@ def test_committed_manifest_describes_a_usable_bundle():
     largest = manifest["trimmed"]["largest"]
     assert "vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so" in largest
     assert not any(lib in largest for lib in STABLE_ABI_LIBS)
+
+
+def test_build_refuses_an_environment_with_another_vllm():
+    vllm_bundle.check_build_environment("0.33.0", "0.33.0")
+    with pytest.raises(SystemExit, match=r"--vllm 0\.33\.0, but this Python .* has vllm 0\.32\.0"):
+        vllm_bundle.check_build_environment("0.33.0", "0.32.0")
+    with pytest.raises(SystemExit, match="has vllm not installed"):
+        vllm_bundle.check_build_environment("0.32.0", None)
+    with pytest.raises(SystemExit, match="bundles are built for 0.33.0, 0.32.0"):
+        vllm_bundle.check_build_environment("0.31.0", "0.31.0")

@@ -1,18 +1,26 @@
-"""The plugin against the real vLLM 0.32 install (CPU): entry point, vLLM's own
+"""The plugin against the real vLLM install, 0.32 or 0.33 (CPU): entry point, vLLM's own
 loader, CLI, configs, version guard. Each case runs in a fresh interpreter
 because plugins patch vLLM process-wide."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
 from importlib.metadata import entry_points
 
 import pytest
+import torch
 
 pytest.importorskip("vllm")
+
+
+def vllm_version() -> str:
+    from importlib.metadata import version
+
+    return version("vllm")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -160,11 +168,28 @@ def test_patches_apply_when_modules_are_imported_before_register():
 def test_unsupported_vllm_version_gets_one_clear_error():
     from vllm_a2a_plugin.vllm.hooks import UnsupportedVllmVersionError, check_vllm_version
 
-    assert check_vllm_version("0.32.0") == "0.32.0"
-    assert check_vllm_version("0.32.1+cu130") == "0.32.1+cu130"
-    with pytest.raises(UnsupportedVllmVersionError,
-                       match=r"supports vLLM 0\.32\.x \(tested with 0\.32\.0\); found vLLM 0\.33\.0"):
-        check_vllm_version("0.33.0")
+    for supported in ("0.32.0", "0.32.1+cu130", "0.33.0", "0.33.1rc1"):
+        assert check_vllm_version(supported) == supported
+    for too_old_or_new in ("0.31.2", "0.34.0", "1.0.0"):
+        with pytest.raises(UnsupportedVllmVersionError,
+                           match=r"supports vLLM 0\.32\.x or 0\.33\.x \(tested with 0\.32\.0 and "
+                                 rf"0\.33\.0\); found vLLM {re.escape(too_old_or_new)}\. Install "
+                                 r"vllm==0\.33\.0 \(or 0\.32\.0\)"):
+            check_vllm_version(too_old_or_new)
+
+
+def test_installed_vllm_is_a_supported_release():
+    """The version guard passes for the vLLM this suite runs against (CI runs it
+    once per supported release), and the plugin's patches applied there."""
+    from importlib.metadata import version
+
+    from vllm_a2a_plugin.vllm.compat import TESTED_VLLM, vllm_series
+    from vllm_a2a_plugin.vllm.hooks import check_vllm_version
+
+    installed = version("vllm")
+    assert check_vllm_version() == installed
+    assert vllm_series(installed) in TESTED_VLLM
+    print(f"vLLM {installed}")
 
 
 def test_engine_args_build_a_full_config_for_a_local_moe_model(tmp_path):
@@ -240,3 +265,31 @@ def test_zero_token_rank_quantizes_without_a_launch():
     """)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "OK" in proc.stdout
+
+
+def test_transposed_block_scales_are_refused_where_vllm_has_them():
+    """vLLM 0.33's FusedMoEQuantConfig.is_scale_transposed asks for [H/128, T]
+    scales; we dispatch [T, H/128], so such a layer is refused before sizing a
+    workspace. 0.32 has no such field: nothing to refuse there."""
+    import dataclasses
+
+    from vllm.model_executor.layers.fused_moe.config import (
+        FusedMoEQuantConfig,
+        fp8_w8a8_moe_quant_config,
+    )
+
+    from vllm_a2a_plugin.errors import A2AInputError
+    from vllm_a2a_plugin.vllm.compat import activation_scales_transposed
+    from vllm_a2a_plugin.vllm.prepare_finalize import dispatch_layout
+
+    w = torch.ones(4, 1, 1, dtype=torch.float32)
+    block = fp8_w8a8_moe_quant_config(w1_scale=w, w2_scale=w, block_shape=[128, 128])
+    assert not activation_scales_transposed(block)
+    assert dispatch_layout(512, block, torch.bfloat16, False).scale_cols == 4
+    if "is_scale_transposed" not in {f.name for f in dataclasses.fields(FusedMoEQuantConfig)}:
+        assert vllm_version().startswith("0.32.")
+        return
+    transposed = dataclasses.replace(block, is_scale_transposed=True)
+    assert activation_scales_transposed(transposed)
+    with pytest.raises(A2AInputError, match="transposed"):
+        dispatch_layout(512, transposed, torch.bfloat16, False)

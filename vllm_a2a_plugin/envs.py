@@ -32,6 +32,22 @@ def extension_build_dir() -> str | None:
     return os.environ.get("VLLM_A2A_BUILD_DIR") or None
 
 
+def build_kernels() -> str:
+    """``VLLM_A2A_BUILD_KERNELS``: ``auto`` (default), ``yes`` or ``no``.
+
+    When the CUDA kernels are compiled (at install and on first use): ``auto``
+    when torch has CUDA, a GPU is visible and the toolkit is complete; ``yes``
+    wherever the toolkit is complete (an error naming what is missing
+    otherwise), e.g. an image built on a machine without a GPU; ``no`` never.
+    """
+    raw = (os.environ.get("VLLM_A2A_BUILD_KERNELS") or "auto").strip().lower()
+    aliases = {"1": "yes", "true": "yes", "on": "yes", "0": "no", "false": "no", "off": "no"}
+    raw = aliases.get(raw, raw)
+    if raw not in ("auto", "yes", "no"):
+        raise ValueError(f"VLLM_A2A_BUILD_KERNELS must be auto, yes or no, got {raw!r}")
+    return raw
+
+
 def jit_verbose() -> bool:
     """``VLLM_A2A_JIT_VERBOSE``: print the compiler's output during a JIT build."""
     return os.environ.get("VLLM_A2A_JIT_VERBOSE", "") not in ("", "0")

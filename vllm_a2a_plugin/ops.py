@@ -1,10 +1,20 @@
 """Loads the ``a2a_one_sided`` torch ops and gives them typed Python wrappers.
 
-The extension is normally built at install (``setup.py``): with CUDA kernels
-when torch has CUDA and ``nvcc`` is found, otherwise a CPU-only build that
-registers the layout op and the op schemas. If no built module is importable
-(another Python, a source checkout), it is JIT-built on first use with
-``torch.utils.cpp_extension.load``. Nothing here initialises CUDA at import.
+Two builds of one extension, named by what they hold (and the torch they
+were built against, see :func:`extension_name`):
+
+* ``_C_cuda_torch<v>``: the CUDA kernels plus the layout op and op schemas;
+* ``_C_cpu_torch<v>``: the layout op and op schemas only (CPU installs share
+  the layout with the kernels; the kernels are then unavailable).
+
+``setup.py`` builds ``_C_cuda`` at install when :func:`kernel_build_decision`
+says so (torch has CUDA, a GPU is visible, the toolkit is complete), else
+``_C_cpu``. :func:`load` takes ``_C_cuda`` when it was built; otherwise, on a
+machine where the kernels can be built now, it JIT-builds them with
+``torch.utils.cpp_extension.load`` (first use on a GPU machine after a CPU-side
+install); otherwise it takes ``_C_cpu`` (or JIT-builds that). A missing CUDA
+toolkit piece becomes one error naming it (:func:`require_kernels`).
+Nothing here initialises CUDA at import.
 """
 
 from __future__ import annotations
@@ -12,7 +22,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import shutil
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,29 +48,170 @@ def csrc_dir() -> Path:
     raise FileNotFoundError(f"kernel sources not found next to {here}")
 
 
-def cuda_toolchain_available() -> bool:
-    """True when torch has CUDA and nvcc can be found (kernels can be built)."""
-    if torch.version.cuda is None:
-        return False
-    from torch.utils.cpp_extension import CUDA_HOME
+# Toolkit files a CUDA build of ours needs, beyond nvcc: headers our sources
+# include (bindings.cpp, *.cu) and those torch's ATen/cuda/CUDAContext.h pulls
+# in (cuSPARSE, cuBLAS, cuBLASLt, cuSOLVER); the CUDA runtime to link with.
+TOOLKIT_HEADERS = ("cuda_runtime_api.h", "cuda_runtime.h", "cuda.h", "cuda_bf16.h",
+                   "cuda_fp16.h", "cusparse.h", "cublas_v2.h", "cublasLt.h", "cusolverDn.h")
+TOOLKIT_LIBRARY = "libcudart.so"
+# Searched by the host compiler without -I (torch never passes /usr/include).
+_SYSTEM_INCLUDE_DIRS = ("/usr/include", "/usr/local/include")
 
-    return CUDA_HOME is not None or shutil.which("nvcc") is not None
+
+class CudaToolchainError(RuntimeError):
+    """The CUDA kernels cannot be built here; the message names what is missing."""
+
+
+@dataclass(frozen=True)
+class CudaToolchain:
+    """What torch's extension tools would compile our kernels with.
+
+    Attributes:
+        cuda_home: the toolkit folder as torch finds it (``CUDA_HOME`` or
+            ``CUDA_PATH``, else two levels above ``nvcc`` on ``PATH``, else
+            ``/usr/local/cuda``); None when none was found.
+        include_dirs: where the compiler looks for toolkit headers.
+        missing: what a CUDA build would lack, one readable item each
+            (empty: the toolchain is complete).
+    """
+
+    cuda_home: str | None
+    include_dirs: tuple[str, ...]
+    missing: tuple[str, ...]
+    torch_cuda: str | None = torch.version.cuda
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing
+
+    def problem(self) -> str | None:
+        """One sentence naming what is missing, or None when complete."""
+        if not self.missing:
+            return None
+        text = f"cannot build the a2a_one_sided CUDA kernels: missing {'; '.join(self.missing)}"
+        if self.torch_cuda is None:
+            return text
+        return (f"{text} (CUDA_HOME={self.cuda_home or 'not found'}, as torch's extension "
+                "tools find it: the CUDA_HOME or CUDA_PATH variable, else the folder above "
+                "nvcc's bin/ on PATH, else /usr/local/cuda). Point CUDA_HOME at a complete "
+                f"CUDA toolkit for torch's CUDA {self.torch_cuda}.")
+
+
+def inspect_cuda_toolkit(cuda_home: str | None, include_dirs: list[str] | tuple[str, ...]
+                         ) -> CudaToolchain:
+    """Check a toolkit folder for what our CUDA build needs (no compiler runs).
+
+    Args:
+        cuda_home: toolkit folder (``bin/nvcc``, ``lib64`` or ``lib``), or None.
+        include_dirs: the ``-I`` folders torch passes for CUDA headers; the
+            system include folders are searched as well.
+    """
+    if not cuda_home:
+        return CudaToolchain(None, tuple(include_dirs),
+                             ("a CUDA toolkit (no CUDA_HOME, no nvcc on PATH, no /usr/local/cuda)",))
+    home = Path(cuda_home)
+    missing = []
+    nvcc = home / "bin" / "nvcc"
+    if not nvcc.is_file():
+        missing.append(f"{nvcc}")
+    dirs = [Path(d) for d in dict.fromkeys((*include_dirs, *_SYSTEM_INCLUDE_DIRS))]
+    headers = [h for h in TOOLKIT_HEADERS if not any((d / h).is_file() for d in dirs)]
+    if headers:
+        missing.append(f"headers {', '.join(headers)} (searched {', '.join(map(str, dirs))})")
+    lib_dirs = [home / "lib64", home / "lib"]
+    if not any((d / TOOLKIT_LIBRARY).exists() for d in lib_dirs):
+        missing.append(f"{TOOLKIT_LIBRARY} in {lib_dirs[0]} or {lib_dirs[1]}")
+    return CudaToolchain(str(home), tuple(map(str, dirs)), tuple(missing))
+
+
+def cuda_toolchain() -> CudaToolchain:
+    """The toolchain torch's extension tools would use in this process."""
+    if torch.version.cuda is None:
+        return CudaToolchain(None, (), (f"a CUDA build of torch (this is torch "
+                                        f"{torch.__version__}, CPU only)",), torch_cuda=None)
+    from torch.utils import cpp_extension
+
+    home = cpp_extension.CUDA_HOME
+    include_dirs: list[str] = []
+    if home:
+        # Torch's own include folders (under its package) hold no toolkit headers.
+        torch_dir = Path(torch.__file__).resolve().parent
+        include_dirs = [d for d in cpp_extension.include_paths("cuda")
+                        if not Path(d).resolve().is_relative_to(torch_dir)]
+    return inspect_cuda_toolkit(home, include_dirs)
+
+
+def cuda_toolchain_available() -> bool:
+    """True when torch has CUDA and the toolkit has what our build needs."""
+    return cuda_toolchain().complete
+
+
+@dataclass(frozen=True)
+class KernelBuildDecision:
+    """Whether to compile the CUDA kernels now, and why (one readable line)."""
+
+    build_cuda: bool
+    reason: str
+
+
+def decide_kernel_build(*, mode: str, toolchain: CudaToolchain, gpu_visible: bool
+                        ) -> KernelBuildDecision:
+    """The build policy, a pure function of its inputs.
+
+    Args:
+        mode: ``VLLM_A2A_BUILD_KERNELS``: ``auto`` builds the kernels when a GPU
+            is visible and the toolchain is complete; ``yes`` builds them
+            wherever the toolchain is complete (e.g. an image built without a
+            GPU) and raises :class:`CudaToolchainError` otherwise; ``no`` never.
+        toolchain: from :func:`cuda_toolchain`.
+        gpu_visible: ``torch.cuda.is_available()``.
+    """
+    if mode == "no":
+        return KernelBuildDecision(False, "CUDA kernels not built: VLLM_A2A_BUILD_KERNELS=no")
+    problem = toolchain.problem()
+    if mode == "yes":
+        if problem:
+            raise CudaToolchainError(f"VLLM_A2A_BUILD_KERNELS=yes, but {problem}")
+        return KernelBuildDecision(True, f"building the CUDA kernels with {toolchain.cuda_home}")
+    if toolchain.torch_cuda is None:
+        return KernelBuildDecision(
+            False, f"CUDA kernels not built: torch {torch.__version__} is a CPU build")
+    if not gpu_visible:
+        later = ("they build on first use on a GPU machine (or set VLLM_A2A_BUILD_KERNELS=yes "
+                 "to build them here)")
+        if problem:
+            later = f"they build on first use on a GPU machine with a complete toolkit; here, {problem}"
+        return KernelBuildDecision(
+            False, f"CUDA kernels not built: no CUDA GPU is visible; {later}")
+    if problem:
+        return KernelBuildDecision(False, f"CUDA kernels not built: {problem}")
+    return KernelBuildDecision(True, f"building the CUDA kernels with {toolchain.cuda_home}")
+
+
+def kernel_build_decision() -> KernelBuildDecision:
+    """:func:`decide_kernel_build` for this process (setup.py and :func:`load`)."""
+    mode = envs.build_kernels()
+    toolchain = cuda_toolchain() if mode != "no" else CudaToolchain(None, (), ())
+    gpu_visible = torch.version.cuda is not None and torch.cuda.is_available()
+    return decide_kernel_build(mode=mode, toolchain=toolchain, gpu_visible=gpu_visible)
 
 
 def nvcc_flags() -> list[str]:
     """Flags shared by setup.py and the JIT build: sm_90a (Hopper), sm_100a (Blackwell)."""
     archs = os.environ.get("VLLM_A2A_CUDA_ARCHS", "90a;100a").split(";")
-    flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "-DA2A_WITH_CUDA"]
+    # No -std: torch's extension tools add the standard its own headers need
+    # (torch 2.14's use C++20's <=>, so a fixed -std=c++17 broke the build);
+    # our sources compile as C++17 and C++20.
+    flags = ["-O3", "--use_fast_math", "-lineinfo", "-DA2A_WITH_CUDA"]
     for arch in filter(None, archs):
         flags.append(f"-gencode=arch=compute_{arch},code=sm_{arch}")
     return flags
 
 
-def _jit_build() -> None:
+def _jit_build(with_cuda: bool) -> None:
     from torch.utils import cpp_extension
 
     src = csrc_dir()
-    with_cuda = cuda_toolchain_available()
     sources = [str(src / s) for s in (_SOURCES_CUDA if with_cuda else _SOURCES_CUDA[:1])]
     digest = hashlib.sha256()
     for name in _SOURCES_CUDA + _HEADERS:
@@ -72,7 +224,7 @@ def _jit_build() -> None:
     )
     build_dir = os.path.join(build_root, name)
     os.makedirs(build_dir, exist_ok=True)
-    cflags = ["-O2", "-std=c++17"] + (["-DA2A_WITH_CUDA"] if with_cuda else [])
+    cflags = ["-O2"] + (["-DA2A_WITH_CUDA"] if with_cuda else [])
     cpp_extension.load(
         name=name,
         sources=sources,
@@ -86,23 +238,54 @@ def _jit_build() -> None:
     )
 
 
+# Why the loaded extension has (or lacks) the CUDA kernels, for require_kernels().
+_load_note: list[str] = []
+
+
 @functools.cache
 def load() -> None:
-    """Make the ``torch.ops.a2a_one_sided`` ops available (idempotent)."""
+    """Make the ``torch.ops.a2a_one_sided`` ops available (idempotent).
+
+    Order: the installed ``_C_cuda``; else a JIT build of the kernels when
+    :func:`kernel_build_decision` allows one here; else ``_C_cpu`` (installed
+    or JIT-built).
+    """
     if _ops_registered():
         return
-    prebuilt = _prebuilt_library()
-    if prebuilt is not None:
-        torch.ops.load_library(str(prebuilt))  # registers the ops
+    prebuilt_cuda = _prebuilt_library("cuda")
+    if prebuilt_cuda is not None:
+        torch.ops.load_library(str(prebuilt_cuda))  # registers the ops
+        _load_note.append(f"loaded {prebuilt_cuda}")
     else:
-        _jit_build()
+        decision = kernel_build_decision()
+        _load_note.append(decision.reason)
+        if decision.build_cuda:
+            _jit_build(with_cuda=True)
+        else:
+            prebuilt_cpu = _prebuilt_library("cpu")
+            if prebuilt_cpu is not None:
+                torch.ops.load_library(str(prebuilt_cpu))
+            else:
+                _jit_build(with_cuda=False)
     if not _ops_registered():
         raise RuntimeError("the a2a_one_sided extension loaded but registered no ops")
     _register_fakes()
 
 
-def _prebuilt_library() -> Path | None:
-    """The extension setup.py built for this interpreter, if any.
+def extension_name(kind: str) -> str:
+    """Module name of the installed extension for this torch: ``_C_<kind>_torch<version>``.
+
+    ``kind`` is ``cuda`` or ``cpu``. The torch version is in the name because
+    C++ extensions only load with the torch they were built against, and one
+    source tree may be installed (editable, built in place) into several
+    environments, e.g. one per supported vLLM with its own torch.
+    """
+    tag = re.sub(r"[^0-9A-Za-z]+", "_", torch.__version__)
+    return f"_C_{kind}_torch{tag}"
+
+
+def _prebuilt_library(kind: str) -> Path | None:
+    """The extension setup.py built for this interpreter and torch, if any.
 
     It is a plain shared library (no Python module init), loaded with
     ``torch.ops.load_library``; the suffix must match this Python's ABI.
@@ -111,7 +294,7 @@ def _prebuilt_library() -> Path | None:
 
     here = Path(__file__).resolve().parent
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        candidate = here / f"_C{suffix}"
+        candidate = here / f"{extension_name(kind)}{suffix}"
         if candidate.is_file():
             return candidate
     return None
@@ -145,6 +328,17 @@ def kernels_available() -> bool:
     return bool(torch.ops.a2a_one_sided.built_with_cuda())
 
 
+def kernel_status() -> str:
+    """One line for people: can this process run the CUDA kernels, and if not, why."""
+    load()
+    how = "; ".join(_load_note) or "the ops were already registered"
+    if not torch.ops.a2a_one_sided.built_with_cuda():
+        return how
+    if not torch.cuda.is_available():
+        return f"CUDA kernels built ({how}), but no CUDA GPU is visible"
+    return f"CUDA kernels ready ({how})"
+
+
 def require_kernels() -> None:
     """Raise a clear error when the CUDA kernels cannot run here."""
     if torch.version.cuda is None:
@@ -156,10 +350,8 @@ def require_kernels() -> None:
         raise RuntimeError("vllm_a2a_plugin's kernels need a CUDA GPU; none is visible.")
     load()
     if not torch.ops.a2a_one_sided.built_with_cuda():
-        raise RuntimeError(
-            "the a2a_one_sided extension was built without CUDA (nvcc was not found "
-            "at build time); reinstall with nvcc on PATH or set CUDA_HOME."
-        )
+        raise CudaToolchainError(
+            f"the a2a_one_sided extension has no CUDA kernels here ({'; '.join(_load_note)})")
 
 
 def workspace_layout(

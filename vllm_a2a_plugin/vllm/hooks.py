@@ -1,39 +1,59 @@
 """The one module that patches vLLM, so ``--all2all-backend a2a_one_sided`` works.
 
-vLLM 0.32 has no registry for out-of-tree all2all backends (an upstream
-proposal exists); until a release has one, these wrappers extend the few vLLM
-functions that choose by backend name. Each wraps the original, never copies
-it, and says which vLLM function it extends.
+vLLM 0.32 and 0.33 have no registry for out-of-tree all2all backends (an
+upstream proposal exists); until a release has one, these wrappers extend the
+few vLLM functions that choose by backend name. Each wraps the original, never
+copies it, and says which vLLM function it extends. Every patched function and
+every name list below was read in both releases' wheels (0.32.0, 0.33.0): the
+patched signatures and the lists are the same in both, so no patch depends on
+the version; what does differ lives in :mod:`vllm_a2a_plugin.vllm.compat`.
 
 Patched (and why):
   * ``vllm.config.parallel.ParallelConfig``: the ``all2all_backend`` field's
     Literal gains our name; the pydantic validator is rebuilt and the CLI
     kwargs cache cleared (design §6), so ``vllm serve --all2all-backend
     a2a_one_sided`` parses and configs validate. ``use_sequence_parallel_moe``
-    treats us like the other EP all2all backends (TP>1 with DP>1 shards tokens).
+    (a name list in both releases) treats us like the other EP all2all
+    backends: TP>1 with DP>1 shards tokens across TP ranks.
   * ``CudaCommunicator.__init__`` / ``CpuCommunicator.__init__``: build our
     manager instead of failing with "Unknown all2all backend" (CUDA) or
     silently falling back to all-gather/reduce-scatter (CPU); data parallelism
     without ``--enable-expert-parallel`` is refused with a message saying so.
-  * ``fused_moe.all2all_utils.maybe_make_prepare_finalize``: returns our
-    prepare/finalize for our backend; rebound in every module that imported it
-    by name.
+  * ``fused_moe.all2all_utils.maybe_make_prepare_finalize`` (same signature in
+    0.32 and 0.33): returns our prepare/finalize for our backend; rebound in
+    every module that imported it by name.
 
-Left alone on purpose (decisions for the other name checks of design §6):
-  * ``config/vllm.py`` microbatching (DBO) list: our prepare/finalize is not
-    async, so vLLM's own "only deepep_low_latency" error is right.
-  * ``config/compilation.py`` disables CUDA graphs for DeepEP HT only: ours is
-    graph-safe, keep graphs on.
+Left alone on purpose (decisions for the other name checks of design §6, the
+same code in 0.32 and 0.33 unless noted):
+  * ``config/vllm.py`` microbatching (DBO) list (CUDA: deepep_low_latency,
+    deepep_high_throughput, nixl_ep; 0.33 adds allgather_reducescatter on ROCm
+    only, and ``modular_kernel``'s new ``supports_dbo()`` defaults to
+    ``supports_async()``, False for us): our prepare/finalize is not async, so
+    vLLM's own "Microbatching currently only supports ..." error is right.
+  * ``v1/worker/sentinel/gpu_worker_sentinel.py`` fault tolerance
+    (``FT_BACKEND_SET``: deepep_low_latency, nixl_ep): it needs rank masking
+    and buffer cleaning we do not offer; vLLM's ValueError says so.
+  * CUDA-graph exclusions: ``config/compilation.py`` turns graphs off for
+    DeepEP HT with DP>1 and ``config/vllm.py`` (0.33) for moonep: ours is
+    graph-safe (epochs advance on the device), keep graphs on.
   * ``v1/worker/ubatch_utils.py``: DeepEP-HT-only branch, not us.
   * ``v1/engine/utils.py`` Ray "fill" pack strategy check (DeepEP needs EP
     ranks on one node): our manager itself refuses EP groups that span nodes.
   * ``lora/layers/fused_moe.py`` asserts allgather_reducescatter: LoRA MoE is
     not supported with us, vLLM's assertion says so.
-  * ``fused_moe/runner/shared_experts.py`` EPLB-overlap safe list: we are not
-    in it, so vLLM runs shared experts without overlap (safe default).
+  * ``fused_moe/runner/shared_experts.py`` ``_EPLB_OVERLAP_SAFE_BACKENDS``
+    (allgather_reducescatter, deepep_v2, flashinfer_nvlink_one_sided): we are
+    not in it, so with EPLB vLLM runs shared experts without overlap (safe
+    default, unproven for us); without EPLB overlap stays on.
   * ``fused_moe/expert_map_manager.py`` round-robin placement: vLLM falls back
-    to linear placement for all2all backends, which is what our owner table
-    assumes (prepare also verifies it against the expert map).
+    to linear placement for all2all backends without routing tables, which is
+    what our owner table assumes (prepare also verifies it).
+  * ``config/kernel.py`` ``bind_passthrough_all2all_backend``: MoE backends
+    that dispatch themselves (FlashInfer MoE-EP megakernels) reject any
+    explicit all2all backend, ours included, with vLLM's own message.
+  * 0.33's model-specific checks (``models/kimi_k3`` deepep_v2 shared-expert
+    path, ``models/deepseek_v4/amd`` MegaMoE on MoRI, ``elastic_ep`` nixl_ep):
+    they name other backends and never branch for an unknown one.
 """
 
 from __future__ import annotations
@@ -50,10 +70,13 @@ from collections.abc import Callable
 from typing import Literal, get_args
 
 from vllm_a2a_plugin import BACKEND_NAME, envs
+from vllm_a2a_plugin.vllm.compat import (  # noqa: F401  (re-exported)
+    SUPPORTED_VLLM_SERIES,
+    UnsupportedVllmVersionError,
+    check_vllm_version,
+)
 
 logger = logging.getLogger(__name__)
-
-SUPPORTED_VLLM_SERIES = ("0.32",)
 
 _lock = threading.Lock()
 _installed = False
@@ -62,33 +85,6 @@ _CUDA_COMMUNICATOR = "vllm.distributed.device_communicators.cuda_communicator"
 _CPU_COMMUNICATOR = "vllm.distributed.device_communicators.cpu_communicator"
 _ALL2ALL_UTILS = "vllm.model_executor.layers.fused_moe.all2all_utils"
 _PARALLEL_CONFIG = "vllm.config.parallel"
-
-
-class UnsupportedVllmVersionError(RuntimeError):
-    pass
-
-
-def check_vllm_version(version: str | None = None) -> str:
-    """Raise one clear error unless the installed vLLM is a supported release."""
-    if version is None:
-        from importlib.metadata import PackageNotFoundError
-        from importlib.metadata import version as dist_version
-
-        try:
-            version = dist_version("vllm")
-        except PackageNotFoundError:
-            raise UnsupportedVllmVersionError(
-                "vllm-a2a-plugin's vLLM integration needs vLLM "
-                f"{' or '.join(s + '.x' for s in SUPPORTED_VLLM_SERIES)}; vLLM is not installed"
-            ) from None
-    series = ".".join(version.split("+")[0].split(".")[:2])
-    if series not in SUPPORTED_VLLM_SERIES:
-        raise UnsupportedVllmVersionError(
-            f"vllm-a2a-plugin supports vLLM {' or '.join(s + '.x' for s in SUPPORTED_VLLM_SERIES)}"
-            f" (tested with 0.32.0); found vLLM {version}. Install vllm==0.32.0, or keep "
-            "this plugin from loading with VLLM_PLUGINS=<the plugins you want>."
-        )
-    return version
 
 
 def install() -> None:

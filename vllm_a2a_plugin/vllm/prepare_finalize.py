@@ -29,6 +29,7 @@ from vllm_a2a_plugin.all_to_all import DispatchResult
 from vllm_a2a_plugin.errors import A2AInputError
 from vllm_a2a_plugin.padding import expert_owner_from_maps, padding_expert_id
 from vllm_a2a_plugin.validation import is_capturing
+from vllm_a2a_plugin.vllm.compat import activation_scales_transposed
 from vllm_a2a_plugin.workspace import AllToAllSpec
 
 logger = logging.getLogger(__name__)
@@ -83,6 +84,10 @@ def dispatch_layout(hidden: int, quant_config: FusedMoEQuantConfig | None,
                 raise A2AInputError(
                     f"a2a_one_sided: fp8 block shape {quant_config.block_shape} unsupported; "
                     f"activations must use 1x{FP8_BLOCK} blocks")
+            if activation_scales_transposed(quant_config):
+                raise A2AInputError(
+                    "a2a_one_sided dispatches row-major [T, H/128] fp8 block scales; these "
+                    "experts ask for transposed ones (FusedMoEQuantConfig.is_scale_transposed)")
             if hidden % FP8_BLOCK:
                 raise A2AInputError(
                     f"a2a_one_sided: hidden size {hidden} must be divisible by {FP8_BLOCK} "
