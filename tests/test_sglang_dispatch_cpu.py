@@ -76,7 +76,9 @@ def _rank_main(rank, world_size, port, counts, fp8):
                                                    destroy_pools, quantize_fp8_blocks)
 
     args = prepare_server_args(["--model-path", "dummy", "--device", "cpu",
-                                "--moe-a2a-backend", "a2a_one_sided"])
+                                "--moe-a2a-backend", "a2a_one_sided", "--tp-size",
+                                str(world_size), "--ep-size", str(world_size), "--attn-dp-size",
+                                str(world_size)])
     args.resolve_once()
     publish(args, role="scheduler")
     initialize_moe_config()  # SGLang converts the flag: MoeA2ABackend.CUSTOMIZED
@@ -89,7 +91,7 @@ def _rank_main(rank, world_size, port, counts, fp8):
                              activation="silu", inplace=False)
     ep_group = SimpleNamespace(cpu_group=dist.group.WORLD, rank_in_group=rank,
                                world_size=world_size)
-    with get_parallel().override(moe_ep_group=ep_group, attn_tp_size=1):
+    with get_parallel().override(moe_ep_group=ep_group):
         if fp8:
             placement = EpPlacement(cpu_group=dist.group.WORLD, rank=rank, size=world_size,
                                     device=torch.device("cpu"), attn_tp_size=1,

@@ -106,7 +106,11 @@ def quantize_fp8_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     tokens, hidden = x.shape
     blocks = x.float().view(tokens, hidden // FP8_BLOCK, FP8_BLOCK)
-    scales = blocks.abs().amax(dim=-1).clamp(min=1e-10) / FP8_MAX
+    amax = blocks.abs().amax(dim=-1)
+    # Written into a fresh [T, H / 128] tensor: a reduction over zero rows can
+    # carry stride 0, which byte views of the payload refuse.
+    scales = torch.empty((tokens, hidden // FP8_BLOCK), dtype=torch.float32, device=x.device)
+    torch.div(amax.clamp(min=1e-10), FP8_MAX, out=scales)
     q = (blocks / scales.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return q.view(tokens, hidden), scales
 
