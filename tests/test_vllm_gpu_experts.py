@@ -9,8 +9,9 @@ combine sums. The result must match vLLM's ``fused_experts`` on the
 undispatched tokens with all experts (no EP).
 
 Cases: ``TritonExperts`` with bf16, with fp8 1x128-block activations (128x128
-weight blocks) and with fp8 per-token activations (per-channel weights);
-``CutlassExpertsFp8`` with fp8 per-token activations. Activations are quantised
+weight blocks), with fp8 per-token activations (per-channel weights) and with
+dynamic per-tensor fp8 (vLLM's ``quantization="fp8"``: dispatched in bf16,
+quantised on arrival); ``CutlassExpertsFp8`` with fp8 per-token activations. Activations are quantised
 before dispatch and their scales travel as a payload, as our prepare does.
 
 Needs CUDA, our kernels and vLLM importable (the offline bundle on the GPU
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.gpu
 
 E, K_TOP, HIDDEN, INTER, MAX_TOKENS = 16, 4, 1024, 512, 96
 CASES = [("triton", "bf16"), ("triton", "fp8_block"), ("triton", "fp8_token"),
-         ("cutlass", "fp8_token")]
+         ("cutlass", "fp8_token"), ("triton", "fp8_tensor")]
 
 
 def _vllm_or_skip():
@@ -66,6 +67,12 @@ def _channel_quantize(w: torch.Tensor):
     return (w.float() / scale).to(torch.float8_e4m3fn), scale
 
 
+def _tensor_quantize(w: torch.Tensor):
+    """[E, R, C] -> fp8 weights and float32 [E] per-expert scales (vLLM's quantization="fp8")."""
+    scale = w.float().abs().amax(dim=(1, 2)).clamp_min(1e-6) / 448.0
+    return (w.float() / scale[:, None, None]).to(torch.float8_e4m3fn), scale
+
+
 def _quant_config(quant: str, w1_scale, w2_scale):
     from vllm.model_executor.layers.fused_moe.config import (FUSED_MOE_UNQUANTIZED_CONFIG,
                                                              fp8_w8a8_moe_quant_config)
@@ -75,6 +82,8 @@ def _quant_config(quant: str, w1_scale, w2_scale):
     if quant == "fp8_block":
         return fp8_w8a8_moe_quant_config(w1_scale=w1_scale, w2_scale=w2_scale,
                                          block_shape=[128, 128])
+    if quant == "fp8_tensor":  # dynamic per-tensor activations
+        return fp8_w8a8_moe_quant_config(w1_scale=w1_scale, w2_scale=w2_scale)
     return fp8_w8a8_moe_quant_config(w1_scale=w1_scale, w2_scale=w2_scale,
                                      per_act_token_quant=True, per_out_ch_quant=True)
 
@@ -103,7 +112,8 @@ def test_vllm_experts_on_our_dispatch_match_fused_experts(p, experts_name, quant
 
     from vllm_a2a_plugin import A2AConfig, AllToAllSpec, LocalRanks
     from vllm_a2a_plugin.padding import padding_expert_id
-    from vllm_a2a_plugin.vllm.prepare_finalize import quantize_for_dispatch
+    from vllm_a2a_plugin.vllm.prepare_finalize import (quantize_for_dispatch,
+                                                       quantize_received_per_tensor)
 
     experts_cls = _experts_class(experts_name)
     gen = torch.Generator(device="cuda").manual_seed(p * 10 + len(quant))
@@ -115,9 +125,13 @@ def test_vllm_experts_on_our_dispatch_match_fused_experts(p, experts_name, quant
         (w1, w1_scale), (w2, w2_scale) = _block_quantize(w1), _block_quantize(w2)
     elif quant == "fp8_token":
         (w1, w1_scale), (w2, w2_scale) = _channel_quantize(w1), _channel_quantize(w2)
+    elif quant == "fp8_tensor":
+        (w1, w1_scale), (w2, w2_scale) = _tensor_quantize(w1), _tensor_quantize(w2)
     else:
         w1, w2 = w1.bfloat16(), w2.bfloat16()
     per_token = quant == "fp8_token"
+    # Dynamic per-tensor fp8 travels unquantised and is quantised on arrival (our prepare).
+    after_dispatch = quant == "fp8_tensor"
 
     counts = random_token_counts(torch.Generator().manual_seed(p), p, MAX_TOKENS, zero_ranks=1)
     xs = [torch.randn((n, HIDDEN), generator=gen, device="cuda").bfloat16() for n in counts]
@@ -125,13 +139,14 @@ def test_vllm_experts_on_our_dispatch_match_fused_experts(p, experts_name, quant
     weights = [s.softmax(-1).topk(K_TOP, dim=-1).values.float().contiguous() for s in scores]
     ids = [s.topk(K_TOP, dim=-1).indices.to(torch.int32).contiguous() for s in scores]
 
-    scale_cols = 0 if not fp8 else (1 if per_token else HIDDEN // 128)
+    scale_cols = 0 if not fp8 or after_dispatch else (1 if per_token else HIDDEN // 128)
     spec = AllToAllSpec(ep_size=p, max_tokens_per_rank=MAX_TOKENS, hidden_size=HIDDEN,
                         top_k=K_TOP, num_experts=E,
-                        dispatch_dtype=torch.float8_e4m3fn if fp8 else torch.bfloat16,
+                        dispatch_dtype=(torch.float8_e4m3fn if fp8 and not after_dispatch
+                                        else torch.bfloat16),
                         scale_cols=scale_cols, combine_dtype=torch.bfloat16)
     ranks = LocalRanks(spec, config=A2AConfig(timeout_s=10.0))
-    if fp8:
+    if fp8 and not after_dispatch:
         # Our prepare's quantisation (vLLM's, plus the zero-token case it lacks).
         quantized = [quantize_for_dispatch(x, _quant_config(quant, w1_scale, w2_scale))
                      for x in xs]
@@ -158,10 +173,13 @@ def test_vllm_experts_on_our_dispatch_match_fused_experts(p, experts_name, quant
         workspace2 = torch.empty(ws2, dtype=torch.bfloat16, device="cuda")
         target = ranks.ranks[r].combine_input()
         assert tuple(out_shape) == tuple(target.shape)
-        a1q_scale = got.recv_x_scales
+        recv_x, a1q_scale = got.recv_x, got.recv_x_scales
         if a1q_scale is not None and per_token:
             a1q_scale = a1q_scale.view(m, 1)
-        experts.apply(target, got.recv_x, w1[local], w2[local], got.recv_topk_weights,
+        if after_dispatch:
+            recv_x, a1q_scale = quantize_received_per_tensor(
+                got, _quant_config(quant, w1_scale, w2_scale))
+        experts.apply(target, recv_x, w1[local], w2[local], got.recv_topk_weights,
                       got.recv_topk_ids, MoEActivation.SILU, E, expert_map,
                       a1q_scale, None, workspace13, workspace2, None, False)
     outs = ranks.combine()

@@ -57,7 +57,7 @@ def _rank_main(rank, world_size, port, experts_kind, counts, apply_on_input, top
         RoutingMethodType)
 
     from tests.torch_experts import ReducingTorchExperts, UnreducedTorchExperts, expert_mlp
-    from vllm_a2a_plugin.vllm.manager import OneSidedAll2AllManager
+    from vllm_a2a_plugin.vllm.manager import OneSidedAll2AllManager, ep_manager
     from vllm_a2a_plugin.vllm.prepare_finalize import OneSidedPrepareAndFinalize
 
     parallel = ParallelConfig(data_parallel_size=world_size, data_parallel_rank=rank,
@@ -67,8 +67,10 @@ def _rank_main(rank, world_size, port, experts_kind, counts, apply_on_input, top
     with set_current_vllm_config(config):
         init_distributed_environment(world_size, rank, f"tcp://127.0.0.1:{port}", 0, "gloo")
         initialize_model_parallel(1, 1)
-        manager = get_ep_group().device_communicator.all2all_manager
+        manager = ep_manager()
         assert isinstance(manager, OneSidedAll2AllManager), type(manager)
+        if world_size > 1:
+            assert get_ep_group().device_communicator.all2all_manager is manager
 
         moe_parallel = FusedMoEParallelConfig.make(1, 1, world_size, 1, parallel)
         assert moe_parallel.use_all2all_kernels and moe_parallel.ep_size == world_size
@@ -95,7 +97,8 @@ def _rank_main(rank, world_size, port, experts_kind, counts, apply_on_input, top
                                    experts_cls(moe, FUSED_MOE_UNQUANTIZED_CONFIG))
 
         w1, w2 = _weights()
-        local = torch.nonzero(expert_map != -1).flatten()
+        local = (torch.arange(NUM_EXPERTS) if expert_map is None  # EP = 1: all local
+                 else torch.nonzero(expert_map != -1).flatten())
         for step in range(2):  # twice: the workspace is reused
             x, weights, ids = _tokens(rank + 10 * step, counts[rank], top_k)
             out = kernel.apply(x, w1[local], w2[local], weights, ids, MoEActivation.SILU,
@@ -122,6 +125,36 @@ def _rank_main(rank, world_size, port, experts_kind, counts, apply_on_input, top
 @pytest.mark.parametrize("experts_kind", ["reducing", "unreduced"])
 def test_modular_kernel_matches_dense_moe_two_ranks(experts_kind):
     run_ranks(_rank_main, 2, experts_kind, [5, 0], False, TOP_K)
+
+
+@pytest.mark.slow
+def test_single_rank_test_mode_routes_moe_through_our_all_to_all(monkeypatch):
+    """VLLM_A2A_TEST_SINGLE_RANK_EP=1 (test-only): at DP = 1 vLLM's factory
+    still returns our prepare/finalize, at EP = 1, and the result is exact."""
+    monkeypatch.setenv("VLLM_A2A_TEST_SINGLE_RANK_EP", "1")
+    run_ranks(_rank_main, 1, "unreduced", [6], False, TOP_K)
+
+
+def _rank_single_rank_mode_off(rank, world_size, port):
+    os.environ["VLLM_TARGET_DEVICE"] = "cpu"
+    from vllm.plugins import load_general_plugins
+
+    load_general_plugins()
+    from vllm.config import ParallelConfig, VllmConfig, set_current_vllm_config
+    from vllm.distributed import init_distributed_environment, initialize_model_parallel
+    from vllm.model_executor.layers.fused_moe.config import FusedMoEParallelConfig
+
+    parallel = ParallelConfig(enable_expert_parallel=True, all2all_backend="a2a_one_sided",
+                              distributed_executor_backend="external_launcher")
+    with set_current_vllm_config(VllmConfig(parallel_config=parallel)):
+        init_distributed_environment(1, 0, f"tcp://127.0.0.1:{port}", 0, "gloo")
+        initialize_model_parallel(1, 1)
+        assert not FusedMoEParallelConfig.make(1, 1, 1, 1, parallel).use_all2all_kernels
+
+
+def test_single_rank_mode_is_off_by_default(monkeypatch):
+    monkeypatch.delenv("VLLM_A2A_TEST_SINGLE_RANK_EP", raising=False)
+    run_ranks(_rank_single_rank_mode_off, 1)
 
 
 @pytest.mark.slow

@@ -48,3 +48,9 @@ def workspace_allocation() -> str:
         raise ValueError(
             f"VLLM_A2A_WORKSPACE must be auto, symmetric or cuda_ipc, got {raw!r}")
     return raw
+
+
+def single_rank_test_mode() -> bool:
+    """``VLLM_A2A_TEST_SINGLE_RANK_EP``: test-only engine mode, see
+    :mod:`vllm_a2a_plugin.vllm.single_rank_mode`."""
+    return os.environ.get("VLLM_A2A_TEST_SINGLE_RANK_EP", "") not in ("", "0")

@@ -49,7 +49,7 @@ import threading
 from collections.abc import Callable
 from typing import Literal, get_args
 
-from vllm_a2a_plugin import BACKEND_NAME
+from vllm_a2a_plugin import BACKEND_NAME, envs
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +102,11 @@ def install() -> None:
         _when_imported(_CUDA_COMMUNICATOR, _patch_communicator("CudaCommunicator"))
         _when_imported(_CPU_COMMUNICATOR, _patch_communicator("CpuCommunicator"))
         _when_imported(_ALL2ALL_UTILS, _patch_prepare_finalize_factory)
+        if envs.single_rank_test_mode():
+            from vllm_a2a_plugin.vllm import single_rank_mode
+
+            _when_imported(single_rank_mode.FUSED_MOE_CONFIG_MODULE,
+                           single_rank_mode.patch_fused_moe_parallel_config)
         _installed = True
 
 

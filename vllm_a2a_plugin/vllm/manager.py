@@ -64,14 +64,11 @@ def ep_round_counts(_worker=None) -> dict:
     the capture; the device counters count every replay). ``_worker`` is the
     vLLM worker ``collective_rpc`` passes; unused.
     """
-    from vllm.distributed.parallel_state import get_dp_group, get_ep_group
+    from vllm.distributed.parallel_state import get_dp_group
 
     from vllm_a2a_plugin.vllm.prepare_finalize import host_call_counts
 
-    manager = get_ep_group().device_communicator.all2all_manager
-    if not isinstance(manager, OneSidedAll2AllManager):
-        raise RuntimeError(f"the EP group's all2all manager is {type(manager).__name__}, "
-                           "not a2a_one_sided's")
+    manager = ep_manager()
     counts = {"dp_rank": get_dp_group().rank_in_group, "ep_rank": manager.rank,
               "allocation": manager.pool.allocation, "all_to_alls": 0, "dispatches": 0,
               "combines": 0}
@@ -82,3 +79,24 @@ def ep_round_counts(_worker=None) -> dict:
         counts["combines"] += combines
     counts.update(host_call_counts())
     return counts
+
+
+def ep_manager() -> OneSidedAll2AllManager:
+    """The EP group's a2a_one_sided manager in this process.
+
+    vLLM's communicator of the EP group holds it; an EP group of one rank (the
+    test-only single-rank mode) has no communicator, so that one lives in
+    :func:`~vllm_a2a_plugin.vllm.single_rank_mode.single_rank_manager`.
+    """
+    from vllm.distributed.parallel_state import get_ep_group
+
+    group = get_ep_group()
+    if group.world_size == 1:
+        from vllm_a2a_plugin.vllm.single_rank_mode import single_rank_manager
+
+        return single_rank_manager()
+    manager = group.device_communicator.all2all_manager
+    if not isinstance(manager, OneSidedAll2AllManager):
+        raise RuntimeError(f"the EP group's all2all manager is {type(manager).__name__}, "
+                           "not a2a_one_sided's")
+    return manager

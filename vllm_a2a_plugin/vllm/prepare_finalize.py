@@ -13,6 +13,7 @@ then combines into ``output``.
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import torch
 import vllm.model_executor.layers.fused_moe.modular_kernel as mk
@@ -24,6 +25,7 @@ from vllm.model_executor.layers.fused_moe.topk_weight_and_reduce import (
 )
 from vllm.model_executor.layers.fused_moe.utils import moe_kernel_quantize_input
 
+from vllm_a2a_plugin.all_to_all import DispatchResult
 from vllm_a2a_plugin.errors import A2AInputError
 from vllm_a2a_plugin.padding import expert_owner_from_maps, padding_expert_id
 from vllm_a2a_plugin.validation import is_capturing
@@ -42,21 +44,39 @@ def host_call_counts() -> dict[str, int]:
     return dict(_HOST_CALLS)
 
 
+class DispatchLayout(NamedTuple):
+    """How a layer's activations travel.
+
+    Attributes:
+        dtype: dtype of the dispatched hidden states.
+        scale_cols: float32 scales per token sent beside them (0: none).
+        quantize_after_dispatch: dynamic per-tensor fp8: one scale per rank's
+            batch cannot describe tokens that arrive from several ranks, so the
+            hidden states travel unquantised and the receiving rank quantises
+            what it received with one scale (DeepEP's prepare does the same).
+    """
+
+    dtype: torch.dtype
+    scale_cols: int
+    quantize_after_dispatch: bool = False
+
+
 def dispatch_layout(hidden: int, quant_config: FusedMoEQuantConfig | None,
-                    in_dtype: torch.dtype, defer_input_quant: bool
-                    ) -> tuple[torch.dtype, int]:
-    """(dispatch dtype, float32 scales per token) for a layer.
+                    in_dtype: torch.dtype, defer_input_quant: bool) -> DispatchLayout:
+    """How a layer's activations travel (see :class:`DispatchLayout`).
 
     bf16/fp16 activations travel as they are; fp8 1x128 block-quantised
     activations (DeepSeek-style checkpoints) travel as fp8 plus ``H / 128``
-    scales; per-token fp8 as fp8 plus 1 scale. Anything else is refused here,
-    before a workspace is sized.
+    scales; per-token fp8 as fp8 plus 1 scale; static per-tensor fp8 as fp8
+    (the scale is the same on every rank); dynamic per-tensor fp8 (vLLM's
+    ``quantization="fp8"``) unquantised, quantised after dispatch. Anything
+    else is refused here, before a workspace is sized.
     """
     quant_dtype = None if quant_config is None or defer_input_quant else quant_config.quant_dtype
     if quant_dtype is None:
         if in_dtype not in (torch.bfloat16, torch.float16, torch.float32):
             raise A2AInputError(f"a2a_one_sided: unsupported activation dtype {in_dtype}")
-        return in_dtype, 0
+        return DispatchLayout(in_dtype, 0)
     if quant_dtype == torch.float8_e4m3fn:
         if quant_config.block_shape is not None:
             if list(quant_config.block_shape)[-1] != FP8_BLOCK:
@@ -67,19 +87,41 @@ def dispatch_layout(hidden: int, quant_config: FusedMoEQuantConfig | None,
                 raise A2AInputError(
                     f"a2a_one_sided: hidden size {hidden} must be divisible by {FP8_BLOCK} "
                     "for block-quantised fp8 dispatch")
-            return torch.float8_e4m3fn, hidden // FP8_BLOCK
+            return DispatchLayout(torch.float8_e4m3fn, hidden // FP8_BLOCK)
         if quant_config.per_act_token_quant:
-            return torch.float8_e4m3fn, 1
+            return DispatchLayout(torch.float8_e4m3fn, 1)
         if quant_config.a1_scale is None:
-            raise A2AInputError(
-                "a2a_one_sided: dynamic per-tensor fp8 activation scales differ between ranks "
-                "and cannot travel with the tokens; use per-token or 1x128 block quantisation")
-        # Static per-tensor fp8: the same scale on every rank; it does not travel.
-        return torch.float8_e4m3fn, 0
+            if in_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+                raise A2AInputError(f"a2a_one_sided: unsupported activation dtype {in_dtype}")
+            return DispatchLayout(in_dtype, 0, quantize_after_dispatch=True)
+        return DispatchLayout(torch.float8_e4m3fn, 0)
     raise A2AInputError(
         f"a2a_one_sided dispatches bf16/fp16 or fp8 (per-token, per-tensor, 1x128 blocks) "
         f"activations; got quant_dtype={quant_dtype!r}")
 
+
+def quantize_received_per_tensor(recv: DispatchResult, quant_config: FusedMoEQuantConfig
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-tensor fp8 of what this rank received, one scale for all of it.
+
+    Args:
+        recv: this rank's dispatch result (unquantised ``recv_x [P * M, H]``).
+        quant_config: the layer's per-tensor fp8 quantisation.
+
+    Returns:
+        ``([P * M, H]`` fp8, ``[1]`` float32 scale``)``. Rows of slots that carry
+        no token for this rank hold whatever the buffer held; they are zeroed
+        first so they cannot move the scale, and their padding ids keep the
+        experts away from them.
+    """
+    x = recv.recv_x
+    if x.shape[0] == 0:  # vLLM's quant kernels do not launch on [0, H]
+        return (torch.empty(x.shape, dtype=quant_config.quant_dtype, device=x.device),
+                torch.ones(1, dtype=torch.float32, device=x.device))
+    carries_token = (recv.recv_topk_ids != recv.padding_id).any(dim=1, keepdim=True)
+    x = torch.where(carries_token, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return moe_kernel_quantize_input(x, None, quant_config.quant_dtype,
+                                     per_act_token_quant=False, block_shape=None)
 
 
 def vllm_expert_owner(num_experts: int, ep_size: int) -> torch.Tensor:
@@ -158,14 +200,15 @@ class OneSidedPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
     def _use_all_to_all(self, input_dtype: torch.dtype | None) -> None:
         moe = self.moe
         defer = input_dtype is not None
-        dispatch_dtype, scale_cols = dispatch_layout(
+        self.layout = dispatch_layout(
             moe.hidden_dim, self.quant_config, input_dtype or moe.in_dtype, defer)
         combine_dtype = (moe.in_dtype if moe.in_dtype in (torch.bfloat16, torch.float16,
                                                           torch.float32) else torch.bfloat16)
         self.spec = AllToAllSpec(
             ep_size=self.manager.world_size, max_tokens_per_rank=self.max_tokens_per_rank,
             hidden_size=moe.hidden_dim, top_k=moe.experts_per_token, num_experts=moe.num_experts,
-            dispatch_dtype=dispatch_dtype, scale_cols=scale_cols, combine_dtype=combine_dtype)
+            dispatch_dtype=self.layout.dtype, scale_cols=self.layout.scale_cols,
+            combine_dtype=combine_dtype)
         self.expert_owner = vllm_expert_owner(moe.num_experts, self.manager.world_size)
         self.all_to_all = self.manager.all_to_all(self.spec, expert_owner=self.expert_owner)
 
@@ -203,6 +246,8 @@ class OneSidedPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
         """
         from vllm.forward_context import get_forward_context, is_forward_context_available
 
+        if self.spec.ep_size == 1:
+            return num_tokens  # no peer to agree with: move only this step's tokens
         if is_forward_context_available():
             dp_metadata = get_forward_context().dp_metadata
             if dp_metadata is not None and dp_metadata.local_sizes is not None:
@@ -256,7 +301,8 @@ class OneSidedPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
                 raise A2AInputError("apply_router_weight_on_input needs top_k == 1")
             # Not in place: a1 is the caller's hidden states.
             a1 = a1 * topk_weights.to(a1.dtype)
-        if defer_input_quant or quant_config.quant_dtype is None:
+        quantize_after = self.layout.quantize_after_dispatch and not defer_input_quant
+        if defer_input_quant or quant_config.quant_dtype is None or quantize_after:
             x, x_scale = a1, None
         else:
             x, x_scale = quantize_for_dispatch(a1, quant_config)
@@ -270,6 +316,9 @@ class OneSidedPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
         result = self.all_to_all.dispatch(
             x.contiguous(), ids.contiguous(), weights.contiguous(), x_scales=scales,
             runtime_max_tokens=m)
+        if quantize_after:
+            recv_x, recv_scale = quantize_received_per_tensor(result, quant_config)
+            return recv_x, recv_scale, None, result.recv_topk_ids, result.recv_topk_weights
         recv_scale = result.recv_x_scales
         if recv_scale is None and x_scale is not None:
             recv_scale = x_scale  # per-tensor scale: the same on every rank
@@ -330,9 +379,9 @@ def make_prepare_finalize(moe: FusedMoEConfig, quant_config: FusedMoEQuantConfig
             "a2a_one_sided implements the modular prepare/finalize; the selected MoE "
             "experts are monolithic. Pick another --moe-backend or all2all backend.")
     if all2all_manager is None:
-        from vllm.model_executor.layers.fused_moe.all2all_utils import get_ep_all2all_manager
+        from vllm_a2a_plugin.vllm.manager import ep_manager
 
-        all2all_manager = get_ep_all2all_manager()
+        all2all_manager = ep_manager()
     from vllm.config import get_current_vllm_config_or_none
 
     config = get_current_vllm_config_or_none()
