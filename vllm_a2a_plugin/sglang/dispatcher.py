@@ -41,6 +41,7 @@ from sglang.srt.layers.moe.token_dispatcher.standard import (
 from sglang.srt.layers.moe.topk import StandardTopKOutput, TopKOutput, TopKOutputChecker
 
 from vllm_a2a_plugin import BACKEND_NAME, envs
+from vllm_a2a_plugin.all_to_all import PHASE_BOTH, PHASE_SEND
 from vllm_a2a_plugin.config import A2AConfig
 from vllm_a2a_plugin.errors import A2AInputError
 from vllm_a2a_plugin.padding import linear_expert_owner
@@ -163,6 +164,9 @@ class OneSidedDispatcher(BaseDispatcher):
         hidden_size, top_k: the layer's ``H`` and ``K``.
         params_dtype: activation dtype (bf16/fp16/fp32); combine runs in it.
         runner_backend: SGLang's runner backend (decides local vs global ids).
+        all_to_all: an already-built all-to-all of ``placement.rank`` (several
+            logical ranks on one GPU: :class:`~vllm_a2a_plugin.LocalRanks`);
+            default: this process's pool hands one out.
         dispatch_fp8: send fp8 with 1x128 block scales instead of
             ``params_dtype`` (for 128x128 block-fp8 checkpoints); the receiver
             dequantises into a preallocated buffer, since SGLang's STANDARD
@@ -172,7 +176,7 @@ class OneSidedDispatcher(BaseDispatcher):
 
     def __init__(self, placement: EpPlacement, *, num_experts: int, hidden_size: int,
                  top_k: int, params_dtype: torch.dtype = torch.bfloat16,
-                 runner_backend=None, dispatch_fp8: bool = False):
+                 runner_backend=None, dispatch_fp8: bool = False, all_to_all=None):
         super().__init__()
         if params_dtype not in (torch.bfloat16, torch.float16, torch.float32):
             raise A2AInputError(
@@ -202,9 +206,14 @@ class OneSidedDispatcher(BaseDispatcher):
             scale_cols=hidden_size // FP8_BLOCK if dispatch_fp8 else 0,
             combine_dtype=params_dtype)
         self.expert_owner = linear_expert_owner(num_experts, placement.size)
-        # Collective: every EP rank builds its layers in the same order.
-        self.all_to_all = pool_for(placement.cpu_group, device).all_to_all(
-            self.spec, expert_owner=self.expert_owner)
+        if all_to_all is None:
+            # Collective: every EP rank builds its layers in the same order.
+            all_to_all = pool_for(placement.cpu_group, device).all_to_all(
+                self.spec, expert_owner=self.expert_owner)
+        elif all_to_all.spec != self.spec:
+            raise A2AInputError(f"the given all-to-all carries {all_to_all.spec}, this layer "
+                                f"needs {self.spec}")
+        self.all_to_all = all_to_all
         self.padding_id = self.all_to_all.padding_id
         # Global id -> this rank's local id, -1 for other ranks' experts; one
         # extra entry for the padding id E (used when this rank owns them all).
@@ -256,9 +265,12 @@ class OneSidedDispatcher(BaseDispatcher):
                    dispatch_fp8=dispatches_fp8(quant_method))
 
     # ---------------------------------------------------------------- dispatch
-    def dispatch(self, hidden_states: torch.Tensor, topk_output: TopKOutput
-                 ) -> StandardDispatchOutput:
+    def dispatch(self, hidden_states: torch.Tensor, topk_output: TopKOutput, *,
+                 phases: int = PHASE_BOTH) -> StandardDispatchOutput | None:
         """Send ``[T, H]`` tokens with their top-k routing; ``T`` may be 0.
+
+        ``phases=PHASE_SEND`` (CUDA only) returns None; :meth:`dispatch_wait`
+        then gives the output. SGLang calls the fused default.
 
         Returns:
             STANDARD output: hidden states ``[P * M, H]`` (activation dtype),
@@ -291,10 +303,22 @@ class OneSidedDispatcher(BaseDispatcher):
         x, scales = hidden_states, None
         if self.dispatch_fp8:
             x, scales = quantize_fp8_blocks(hidden_states)
+        self._dispatched_tokens = num_tokens
+        if phases == PHASE_SEND:
+            self.all_to_all.dispatch(x.contiguous(), ids.contiguous(), weights.contiguous(),
+                                     x_scales=scales, runtime_max_tokens=m, phases=PHASE_SEND)
+            return None
         received = self.all_to_all.dispatch(
             x.contiguous(), ids.contiguous(), weights.contiguous(), x_scales=scales,
             runtime_max_tokens=m)
-        self._dispatched_tokens = num_tokens
+        return self._standard_output(received)
+
+    def dispatch_wait(self) -> StandardDispatchOutput:
+        """Second half of ``dispatch(..., phases=PHASE_SEND)`` (logical ranks on one GPU)."""
+        return self._standard_output(self.all_to_all.wait_dispatch())
+
+    def _standard_output(self, received) -> StandardDispatchOutput:
+        m = received.runtime_max_tokens
         slots = self.placement.size * m
         recv_x = received.recv_x
         if self.dispatch_fp8:
@@ -312,8 +336,12 @@ class OneSidedDispatcher(BaseDispatcher):
             topk_output=StandardTopKOutput(received.recv_topk_weights, runner_ids, None))
 
     # ----------------------------------------------------------------- combine
-    def combine(self, combine_input: CombineInput) -> torch.Tensor:
-        """``[P * M, H]`` expert outputs (weighted, reduced) -> ``[T, H]`` of this rank."""
+    def combine(self, combine_input: CombineInput, *, phases: int = PHASE_BOTH) -> torch.Tensor:
+        """``[P * M, H]`` expert outputs (weighted, reduced) -> ``[T, H]`` of this rank.
+
+        ``phases=PHASE_SEND`` (CUDA only) returns the output tensor that
+        :meth:`combine_wait` completes.
+        """
         if combine_input.format != CombineInputFormat.STANDARD:
             raise A2AInputError(
                 f"{BACKEND_NAME} combines SGLang's STANDARD format, got {combine_input.format}")
@@ -329,7 +357,13 @@ class OneSidedDispatcher(BaseDispatcher):
         self._dispatched_tokens = None
         # SGLang's runners allocate their output, so it is staged into the
         # workspace's combine region (one copy) before the kernels pull it.
+        if phases == PHASE_SEND:
+            return self.all_to_all.combine(y.contiguous(), out=out, phases=PHASE_SEND)
         return self.all_to_all.combine(y.contiguous(), out=out)
+
+    def combine_wait(self) -> torch.Tensor:
+        """Second half of ``combine(..., phases=PHASE_SEND)``."""
+        return self.all_to_all.wait_combine()
 
 
 def dispatches_fp8(quant_method) -> bool:
