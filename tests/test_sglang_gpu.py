@@ -28,7 +28,11 @@ def _sglang_triton_runner_or_skip():
     from sglang.srt.plugins import load_plugins
 
     load_plugins()
+    from vllm_a2a_plugin.sglang import register
+
+    register()  # idempotent; where the package runs from PYTHONPATH, no entry point is installed
     try:
+        import vllm_a2a_plugin.sglang.dispatcher  # noqa: F401 - imports SGLang's MoE layers
         from sglang.srt.layers.moe.moe_runner import MoeRunnerConfig
         from sglang.srt.layers.moe.moe_runner.runner import MoeRunner
         from sglang.srt.layers.moe.moe_runner.triton import TritonMoeQuantInfo
