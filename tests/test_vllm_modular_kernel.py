@@ -20,6 +20,8 @@ import torch
 
 from tests.multiproc import run_ranks
 
+pytest.importorskip("vllm", reason="needs vLLM installed (vLLM env only)")
+
 NUM_EXPERTS, TOP_K, HIDDEN, INTER = 8, 3, 64, 32
 
 
