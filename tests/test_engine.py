@@ -117,8 +117,8 @@ def compare_greedy(ours: list[dict], reference: list[dict], tol: float) -> dict:
     """Same greedy tokens as the reference, or a near-tie where they part.
 
     Per prompt: every common token's logprob within ``tol`` of the reference's;
-    at the first differing token, both candidates are in the reference's top 2
-    within ``tol`` of each other (bf16 rounding may pick either), and the rest
+    at the first differing token, ours is among the reference's top candidates
+    (``TOP_LOGPROBS``) within ``tol`` of the reference's choice (bf16 rounding may pick either), and the rest
     of that sequence is not compared (it continues from another token).
     """
     by_prompt = {o["prompt"]: o for o in reference}
