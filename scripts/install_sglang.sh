@@ -26,9 +26,8 @@ PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
     "apache-tvm-ffi==0.1.11" "transformers==5.19.0" "tokenizers==0.23.2" \
     "sentencepiece==0.2.1" "compressed-tensors==0.18.0" "openai==2.8.0" "torchvision" "starlette" "dill"
 
-# Our package against the torch just installed. VLLM_A2A_SKIP_BUILD: torch here
-# is a CUDA build, and a machine without a GPU (CI) has no use for compiling the
-# kernels; the CPU tests use the reference all-to-all, which needs no extension.
-VLLM_A2A_SKIP_BUILD=${VLLM_A2A_SKIP_BUILD-1} "${PIP[@]}" --no-build-isolation -e ".[dev]" \
-    "python-dateutil<3"
+# Our package against the torch just installed (a CUDA build: setup.py compiles
+# the kernels only with a GPU and a complete toolkit, else the CPU-only extension
+# that carries the workspace layout, and says so).
+"${PIP[@]}" --no-build-isolation -e ".[dev]" "python-dateutil<3"
 "$VENV/bin/python" -c 'import sglang, torch, vllm_a2a_plugin.sglang.hooks as h; h.check_sglang_version(); print("sglang", sglang.__version__, "torch", torch.__version__, "+ vllm-a2a-plugin installed")'
