@@ -16,6 +16,12 @@ Metrics (see bench_a2a.py's docstring for the timing methods):
 * ``empty_kernel``: one empty kernel's profiler time.
 
 The PNG draws ``--png-metric`` (default ``graph``) as lines (dashed: before).
+``--latency-png`` draws the decode-latency view instead (tuning pass 2): one row
+per rank count, columns kernel dispatch / kernel combine / graph round trip
+(events) / graph round trip (queued), before vs after, the targets as dashed
+horizontal lines and the floors measured in the same run (``empty_kernel_us``,
+``floor_queued_us``) as dotted lines; ``--extra-pair B2 A2`` adds a second
+before/after pair (thin lines) so the run-to-run drift is visible.
 """
 
 from __future__ import annotations
@@ -108,6 +114,82 @@ def plot(before: dict, after: dict, out: Path, ylabel: str) -> None:
     plt.close(fig)
 
 
+# (metric, title, floor metric drawn beside it)
+LATENCY_PANELS = (
+    ("kernel_dispatch", "dispatch kernel (profiler)", "empty_kernel"),
+    ("kernel_combine", "combine kernel (profiler)", "empty_kernel"),
+    ("graph", "graph round trip (events)", "graph_floor"),
+    ("graph_queued", "graph round trip (queued)", "graph_floor"),
+)
+# (metric, ep_size) -> target, us (tuning pass 2, benchmarks/NOTES.md)
+LATENCY_TARGETS = {
+    ("kernel_dispatch", 1): 5.0, ("kernel_combine", 1): 5.0,
+    ("graph", 1): 11.0, ("graph_queued", 1): 11.0,
+    ("graph", 8): 22.0, ("graph_queued", 8): 22.0,
+}
+
+
+def plot_latency(pairs: list[tuple[Path, Path]], out: Path, shape: str = "deepseek_v3",
+                 dtype: str = "fp8", routing: str = "uniform") -> None:
+    """Rows: rank counts; columns: LATENCY_PANELS. Pair 1 thick, later pairs thin."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = [{m: (load_metric(b, m), load_metric(a, m)) for m in METRICS} for b, a in pairs]
+    eps = sorted({k[3] for k in data[0]["graph"][1] if k[:3] == (shape, dtype, routing)})
+    fig, axes = plt.subplots(len(eps), len(LATENCY_PANELS),
+                             figsize=(4.0 * len(LATENCY_PANELS), 3.4 * len(eps)), squeeze=False)
+
+    def series(d, ep):
+        return sorted((k[4], v) for k, v in d.items() if k[:4] == (shape, dtype, routing, ep))
+
+    for row, ep in enumerate(eps):
+        for col, (metric, title, floor) in enumerate(LATENCY_PANELS):
+            ax = axes[row][col]
+            for i, pair in enumerate(data):
+                before, after = pair[metric]
+                lw, alpha, tag = (2.0, 1.0, "") if i == 0 else (0.9, 0.6, f" (pair {i + 1})")
+                for d, color, name in ((before, "C3", "before"), (after, "C0", "after")):
+                    pts = series(d, ep)
+                    if pts:
+                        ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", color=color,
+                                lw=lw, alpha=alpha, marker="o", markersize=4 if i == 0 else 2,
+                                label=name + tag)
+                if i == 0:
+                    pts = series(pair[floor][1], ep)
+                    if pts:
+                        ax.plot([p[0] for p in pts], [p[1] for p in pts],
+                                ":" if floor == "empty_kernel" else "-.",
+                                color="grey" if floor == "empty_kernel" else "black",
+                                lw=1.5, label=("empty kernel" if floor == "empty_kernel"
+                                               else "empty-kernel graph (queued)"))
+            target = LATENCY_TARGETS.get((metric, ep))
+            if target:
+                ax.axhline(target, ls="--", color="C2", lw=1.2, label="target")
+                ax.annotate(f"target {target:g} us", (0.98, target), xycoords=("axes fraction", "data"),
+                            ha="right", va="bottom", fontsize=7, color="C2")
+            ticks = sorted({k[4] for k in data[0][metric][1]})
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xticks(ticks, [str(t) for t in ticks])
+            ax.set_title(f"{title}, {ep} rank{'s' if ep > 1 else ''}", fontsize=9)
+            ax.set_xlabel("tokens per rank")
+            ax.grid(True, which="both", alpha=0.3)
+        axes[row][0].set_ylabel("us (median)")
+    handles = {}
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=len(handles), fontsize=8)
+    fig.suptitle(f"{shape} {dtype} {routing}: before vs after (tuning pass 2); "
+                 "thin lines: second pair of the same session", fontsize=11)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("before", type=Path)
@@ -121,6 +203,10 @@ def main(argv=None) -> int:
     p.add_argument("--tolerance", type=float, default=0.03)
     p.add_argument("--png", type=Path, default=None)
     p.add_argument("--png-metric", default="graph")
+    p.add_argument("--latency-png", type=Path, default=None,
+                   help="decode-latency panels (kernel, graph events, graph queued; targets, floors)")
+    p.add_argument("--extra-pair", nargs=2, type=Path, action="append", default=[],
+                   metavar=("BEFORE", "AFTER"), help="further before/after pair for --latency-png")
     args = p.parse_args(argv)
     tokens = tuple(int(t) for t in args.tokens.split(","))
     for metric in args.metrics.split(","):
@@ -146,6 +232,9 @@ def main(argv=None) -> int:
     if args.png:
         plot(load_metric(args.before, args.png_metric), load_metric(args.after, args.png_metric),
              args.png, f"{args.png_metric} (us)")
+    if args.latency_png:
+        plot_latency([(args.before, args.after), *[tuple(p) for p in args.extra_pair]],
+                     args.latency_png)
     return 0 if ok else 1
 
 
