@@ -52,6 +52,8 @@ import torch
 
 from tests.multiproc import run_ranks
 
+pytest.importorskip("vllm", reason="needs vLLM installed (the vLLM environments)")
+
 TOP_K, HIDDEN, INTER = 2, 64, 32
 NUM_LOGICAL = 6
 # Logical experts the skewed router prefers: the initial map replicates

@@ -73,15 +73,13 @@ Left alone on purpose (every other place SGLang 0.5.23 tests the name):
 from __future__ import annotations
 
 import importlib
-import importlib.abc
-import importlib.util
 import logging
-import sys
 import threading
 from collections.abc import Callable
 from typing import Annotated, Literal, get_args, get_origin
 
 from vllm_a2a_plugin import BACKEND_NAME
+from vllm_a2a_plugin.import_hooks import when_imported
 
 logger = logging.getLogger(__name__)
 
@@ -134,8 +132,8 @@ def install() -> None:
         _patch_server_args(importlib.import_module(_SERVER_ARGS))
         _patch_overrides(importlib.import_module(_OVERRIDES))
         # MoE modules are heavy (Triton, runners): patched when first imported.
-        _when_imported(_MOE_UTILS, _patch_moe_utils)
-        _when_imported(_MOE_LAYER, _patch_moe_layer)
+        when_imported(_MOE_UTILS, _patch_moe_utils)
+        when_imported(_MOE_LAYER, _patch_moe_layer)
         _installed = True
 
 
@@ -144,46 +142,6 @@ def ours_selected() -> bool:
     return _selected
 
 
-# --------------------------------------------------------------- import hooks
-_pending: dict[str, list[Callable]] = {}
-
-
-class _PostImportFinder(importlib.abc.MetaPathFinder):
-    """Runs patches right after a watched module executes, before anyone can
-    ``from module import name`` the unpatched attribute."""
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname not in _pending:
-            return None
-        sys.meta_path.remove(self)
-        try:
-            spec = importlib.util.find_spec(fullname)
-        finally:
-            sys.meta_path.insert(0, self)
-        if spec is None or spec.loader is None:
-            return spec
-        original_exec = spec.loader.exec_module
-
-        def exec_module(module, _original=original_exec, _name=fullname):
-            _original(module)
-            for patch in _pending.pop(_name, []):
-                patch(module)
-
-        spec.loader.exec_module = exec_module
-        return spec
-
-
-_finder = _PostImportFinder()
-
-
-def _when_imported(name: str, patch: Callable) -> None:
-    module = sys.modules.get(name)
-    if module is not None:
-        patch(module)
-        return
-    _pending.setdefault(name, []).append(patch)
-    if _finder not in sys.meta_path:
-        sys.meta_path.insert(0, _finder)
 
 
 def _hook(target: str, hook: Callable) -> None:

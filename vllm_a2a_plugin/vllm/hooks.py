@@ -59,17 +59,14 @@ same code in 0.32 and 0.33 unless noted):
 from __future__ import annotations
 
 import functools
-import importlib
-import importlib.abc
-import importlib.util
 import inspect
 import logging
 import sys
 import threading
-from collections.abc import Callable
 from typing import Literal, get_args
 
 from vllm_a2a_plugin import BACKEND_NAME, envs
+from vllm_a2a_plugin.import_hooks import when_imported
 from vllm_a2a_plugin.vllm.compat import (  # noqa: F401  (re-exported)
     SUPPORTED_VLLM_SERIES,
     UnsupportedVllmVersionError,
@@ -94,59 +91,18 @@ def install() -> None:
         if _installed:
             return
         check_vllm_version()
-        _when_imported(_PARALLEL_CONFIG, _patch_parallel_config)
-        _when_imported(_CUDA_COMMUNICATOR, _patch_communicator("CudaCommunicator"))
-        _when_imported(_CPU_COMMUNICATOR, _patch_communicator("CpuCommunicator"))
-        _when_imported(_ALL2ALL_UTILS, _patch_prepare_finalize_factory)
+        when_imported(_PARALLEL_CONFIG, _patch_parallel_config)
+        when_imported(_CUDA_COMMUNICATOR, _patch_communicator("CudaCommunicator"))
+        when_imported(_CPU_COMMUNICATOR, _patch_communicator("CpuCommunicator"))
+        when_imported(_ALL2ALL_UTILS, _patch_prepare_finalize_factory)
         if envs.single_rank_test_mode():
             from vllm_a2a_plugin.vllm import single_rank_mode
 
-            _when_imported(single_rank_mode.FUSED_MOE_CONFIG_MODULE,
+            when_imported(single_rank_mode.FUSED_MOE_CONFIG_MODULE,
                            single_rank_mode.patch_fused_moe_parallel_config)
         _installed = True
 
 
-# --------------------------------------------------------------- import hooks
-_pending: dict[str, list[Callable]] = {}
-
-
-class _PostImportFinder(importlib.abc.MetaPathFinder):
-    """Runs patches right after a watched module executes, before anyone can
-    ``from module import name`` the unpatched attribute."""
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname not in _pending:
-            return None
-        sys.meta_path.remove(self)
-        try:
-            spec = importlib.util.find_spec(fullname)
-        finally:
-            sys.meta_path.insert(0, self)
-        if spec is None or spec.loader is None:
-            return spec
-        loader = spec.loader
-        original_exec = loader.exec_module
-
-        def exec_module(module, _original=original_exec, _name=fullname):
-            _original(module)
-            for patch in _pending.pop(_name, []):
-                patch(module)
-
-        loader.exec_module = exec_module
-        return spec
-
-
-_finder = _PostImportFinder()
-
-
-def _when_imported(name: str, patch: Callable) -> None:
-    module = sys.modules.get(name)
-    if module is not None:
-        patch(module)
-        return
-    _pending.setdefault(name, []).append(patch)
-    if _finder not in sys.meta_path:
-        sys.meta_path.insert(0, _finder)
 
 
 # ------------------------------------------------------------ ParallelConfig
