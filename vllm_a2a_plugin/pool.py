@@ -182,15 +182,17 @@ class AllToAllPool:
                        next(iter(failed.values())))
         return None
 
-    def _release(self, key) -> None:
+    def _release(self, key, *, wait_for_peers: bool = True) -> None:
         _, a2a = self._all_to_alls.pop(key)
         if isinstance(a2a, OneSidedAllToAll):
-            import torch.distributed as dist
-
-            # Combine pulls partial results from peers' workspaces after our own
-            # combine may have finished: free only once every rank's work is done.
             torch.cuda.synchronize(self.device)
-            dist.barrier(group=self.cpu_group)
+            if wait_for_peers:
+                import torch.distributed as dist
+
+                # Combine pulls partial results from peers' workspaces after our
+                # own combine may have finished: free only once every rank's
+                # work is done.
+                dist.barrier(group=self.cpu_group)
             a2a.workspace.release()
 
     def failures(self) -> list:
@@ -214,9 +216,14 @@ class AllToAllPool:
                 a2a.recover()
 
     def destroy(self) -> None:
-        """Free every workspace (collective: every rank calls it)."""
+        """Drop every workspace (engine shutdown).
+
+        No barrier: at shutdown a peer may already be gone, and waiting for it
+        would hang the exit. Peers still mapping our memory keep it alive (torch
+        counts CUDA-IPC importers; symmetric memory frees with its handle).
+        """
         for key in list(self._all_to_alls):
-            self._release(key)
+            self._release(key, wait_for_peers=False)
 
     def all_to_alls(self) -> list:
         """Every all-to-all handed out so far (for counters and tests)."""
