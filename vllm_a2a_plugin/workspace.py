@@ -161,6 +161,23 @@ class WorkspaceLayout:
         )
 
 
+def _one_rank_per_process(spec: AllToAllSpec, group, device: torch.device | None
+                          ) -> tuple[torch.device, WorkspaceLayout]:
+    """What every one-rank-per-process allocation checks first: kernels present,
+    ``group`` as large as ``spec.ep_size``; the device (default: current CUDA
+    device) and the layout."""
+    import torch.distributed as dist
+
+    ops.require_kernels()
+    if dist.get_world_size(group) != spec.ep_size:
+        raise A2AInputError(
+            f"group has {dist.get_world_size(group)} ranks but spec.ep_size is "
+            f"{spec.ep_size}"
+        )
+    device = device or torch.device("cuda", torch.cuda.current_device())
+    return device, WorkspaceLayout.for_spec(spec)
+
+
 @dataclass
 class Workspace:
     """Peer-visible buffers of the ranks this process drives.
@@ -215,14 +232,7 @@ class Workspace:
         import torch.distributed as dist
         import torch.distributed._symmetric_memory as symm_mem
 
-        ops.require_kernels()
-        if dist.get_world_size(group) != spec.ep_size:
-            raise A2AInputError(
-                f"group has {dist.get_world_size(group)} ranks but spec.ep_size is "
-                f"{spec.ep_size}"
-            )
-        device = device or torch.device("cuda", torch.cuda.current_device())
-        layout = WorkspaceLayout.for_spec(spec)
+        device, layout = _one_rank_per_process(spec, group, device)
         buffer = symm_mem.empty(layout.total_bytes, dtype=torch.uint8, device=device)
         handle = symm_mem.rendezvous(buffer, group)
         buffer.zero_()
@@ -249,15 +259,8 @@ class Workspace:
         import torch.distributed as dist
         from torch.multiprocessing.reductions import reduce_tensor
 
-        ops.require_kernels()
-        if dist.get_world_size(group) != spec.ep_size:
-            raise A2AInputError(
-                f"group has {dist.get_world_size(group)} ranks but spec.ep_size is "
-                f"{spec.ep_size}"
-            )
-        device = device or torch.device("cuda", torch.cuda.current_device())
+        device, layout = _one_rank_per_process(spec, group, device)
         rank = dist.get_rank(group)
-        layout = WorkspaceLayout.for_spec(spec)
         buffer = torch.zeros(layout.total_bytes, dtype=torch.uint8, device=device)
         # No peer may map (and signal into) a buffer whose zeroing is still queued.
         torch.cuda.synchronize(device)
