@@ -56,6 +56,10 @@ from vllm_a2a_plugin import A2AConfig, AllToAllSpec, LocalRanks, OneSidedAllToAl
 DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
 
 
+def dtype_label(dtype: torch.dtype) -> str:
+    return next(name for name, d in DTYPES.items() if d == dtype)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--tokens", default=",".join(map(str, DEFAULT_TOKENS)),
@@ -76,6 +80,9 @@ def parse_args(argv=None):
     p.add_argument("--max-blocks", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<gpu>/...)")
     p.add_argument("--name", default="a2a", help="result file stem")
+    p.add_argument("--trace-dir", default=None,
+                   help="write the profiler trace (Chrome JSON, gzip) of every `kernel` point of "
+                        "ours here: <shape>_<dtype>_<routing>_t<tokens>_ep<ranks>.json.gz")
     return p.parse_args(argv)
 
 
@@ -260,7 +267,7 @@ def _device_kernel_events(prof) -> list[tuple[str, float, float]]:
 
 
 def kernel_rows(replay, *, iters: int, ranks: int, device, op_bytes: dict[str, dict],
-                empty_replay=None) -> list:
+                empty_replay=None, trace_path: Path | None = None) -> list:
     """Kernel time per op from the torch profiler over ``iters`` replays.
 
     Per iteration: the summed duration of that op's kernels divided by ``ranks``
@@ -268,7 +275,11 @@ def kernel_rows(replay, *, iters: int, ranks: int, device, op_bytes: dict[str, d
     ``op_bytes[op]``: ``bytes`` (crossing), ``deepep_bytes`` and ``trtllm_bytes``
     per rank, turned into the bandwidth columns. ``empty_replay`` (an
     empty-kernel graph, see ``empty_structure_graph``) is replayed in the same
-    profiler session; its kernels' median goes to ``empty_kernel_us``."""
+    profiler session; its kernels' median goes to ``empty_kernel_us``. With
+    several ranks, ``start_skew_us`` is the median over iterations of (last - first
+    start) of that op's kernels: how long the first rank's kernel waits, at
+    least, for the last one to start. ``trace_path``: the profile as a Chrome
+    trace (gzip)."""
     from torch.profiler import ProfilerActivity, profile
 
     flush = torch.empty(_L2_FLUSH_BYTES, dtype=torch.uint8, device=device)
@@ -284,15 +295,20 @@ def kernel_rows(replay, *, iters: int, ranks: int, device, op_bytes: dict[str, d
             for _ in range(iters):
                 empty_replay()
         torch.cuda.synchronize(device)
+    if trace_path is not None:
+        trace_path.parent.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(trace_path))
     events = _device_kernel_events(prof)
     empty = [d for n, _, d in events if "spin_kernel" in n]
     empty_us = round(stats(empty)[0], 2) if empty else None
     rows = []
+    skews = start_skews(events, iters=iters)
     for op, (per_iter, samples) in per_iteration_kernel_times(events, iters=iters,
                                                               ranks=ranks).items():
         b = op_bytes[op]
         med = stats(samples)[0]
         extra = {"kernels_per_iteration": per_iter, "empty_kernel_us": empty_us,
+                 "start_skew_us": round(stats(skews[op])[0], 2) if skews.get(op) else None,
                  "deepep_gbps": round(b["deepep_bytes"] / (med * 1e-6) / 1e9, 2) if med else 0.0,
                  "trtllm_gbps": round(b["trtllm_bytes"] / (med * 1e-6) / 1e9, 2) if med else 0.0}
         rows.append((op, "kernel", samples, b["bytes"] // ranks, extra))
@@ -319,6 +335,20 @@ def per_iteration_kernel_times(events: list[tuple[str, float, float]], *, iters:
         times[op] = (per_iter, [sum(durations[i * per_iter:(i + 1) * per_iter]) / ranks
                                 for i in range(iters)])
     return times
+
+
+def start_skews(events: list[tuple[str, float, float]], *, iters: int) -> dict[str, list[float]]:
+    """``{op: [last - first kernel start of that op, us, one per iteration]}``; ops
+    with one kernel per iteration or a count that does not divide are left out."""
+    skews = {}
+    ordered = sorted(events, key=lambda e: e[1])
+    for op, name in KERNEL_NAMES.items():
+        starts = [t for n, t, _ in ordered if name in n]
+        if not starts or len(starts) % iters or len(starts) // iters < 2:
+            continue
+        per_iter = len(starts) // iters
+        skews[op] = [starts[(i + 1) * per_iter - 1] - starts[i * per_iter] for i in range(iters)]
+    return skews
 
 
 def convention_bytes(topk_ids: list[torch.Tensor], *, num_experts: int, ep_size: int, top_k: int,
@@ -367,6 +397,11 @@ def ours_single_process(args, shape, dtype, tokens, kind, ep_size, gen, device):
         def dispatch():
             ranks.dispatch(xs[0], ids[0], weights[0], x_scales=scales[0],
                            runtime_max_tokens=tokens)
+
+        def dispatch_no_tokens():
+            ranks.dispatch(xs[0][:0], ids[0][:0], weights[0][:0],
+                           x_scales=None if scales[0] is None else scales[0][:0],
+                           runtime_max_tokens=0)
     else:
         ranks = LocalRanks(spec, mode="concurrent", config=config, device=device)
         workspace = ranks.workspace
@@ -374,6 +409,11 @@ def ours_single_process(args, shape, dtype, tokens, kind, ep_size, gen, device):
 
         def dispatch():
             ranks.dispatch(xs, ids, weights, x_scales=sc, runtime_max_tokens=tokens)
+
+        def dispatch_no_tokens():
+            ranks.dispatch([x[:0] for x in xs], [i[:0] for i in ids], [w[:0] for w in weights],
+                           x_scales=None if sc is None else [c[:0] for c in sc],
+                           runtime_max_tokens=0)
 
     for buf in workspace.buffers.values():  # never time on zeros
         buf[workspace.layout.recv_topk_ids:].random_(0, 255)
@@ -399,6 +439,12 @@ def ours_single_process(args, shape, dtype, tokens, kind, ep_size, gen, device):
         floor = stats(timed(empty.replay, iters=args.iters, warmup=args.warmup,
                             queue_ahead=True))[0]
         row[4]["floor_queued_us"] = round(floor, 2)  # same launch structure, empty kernels
+        # Our own kernels with no token on any rank: launches plus the cross-rank
+        # flag waits of both phases, no data; what a round trip cannot go below.
+        signal = capture_round_trip(dispatch_no_tokens, combine, device)
+        row[4]["signal_floor_queued_us"] = round(stats(timed(
+            signal.replay, iters=args.iters, warmup=args.warmup, queue_ahead=True))[0], 2)
+        del signal
         rows.append(row)
         ranks.synchronize()
     if "kernel" in args.modes:
@@ -408,8 +454,10 @@ def ours_single_process(args, shape, dtype, tokens, kind, ep_size, gen, device):
                                     combine_row=spec.combine_row_bytes)
         op_bytes["dispatch"]["bytes"] = disp_bytes
         op_bytes["combine"]["bytes"] = comb_bytes
+        trace = (Path(args.trace_dir) / f"{shape.name}_{dtype_label(dtype)}_{kind}_t{tokens}"
+                                        f"_ep{ep_size}.json.gz") if args.trace_dir else None
         rows += kernel_rows(graph.replay, iters=args.iters, ranks=ep_size, device=device,
-                            op_bytes=op_bytes, empty_replay=empty.replay)
+                            op_bytes=op_bytes, empty_replay=empty.replay, trace_path=trace)
         ranks.synchronize()
     del graph, empty
     del ranks

@@ -4,11 +4,15 @@
 # (bundle) need the vLLM bundle staged first (README, "Developing"): carry one
 # .bundle part per call and begin the command with `bash scripts/gpu_session.sh stage;`.
 #
-#   bash scripts/gpu_session.sh stage           # store this call's bundle part (unpacks after the last)
+#   bash scripts/gpu_session.sh stage           # store this call's bundle part (unpacks after the last);
+#                                               # A2A_BUNDLE=.bundle033 for vLLM 0.33 (default .bundle, 0.32)
+#   bash scripts/gpu_session.sh vllm            # (bundle) install check, toolchain test, vLLM's experts
 #   bash scripts/gpu_session.sh kernels         # build; kernels, IPC processes, faults, resources
 #   bash scripts/gpu_session.sh soak            # >= 10^6 checked rounds -> $OUT/soak.json
 #   bash scripts/gpu_session.sh experts         # (bundle) vLLM's experts on our dispatch/combine
 #   bash scripts/gpu_session.sh engine "<-k expr>"   # (bundle) engine tests, e.g. "eager and bf16"
+#   bash scripts/gpu_session.sh bench [args]    # (bundle: flashinfer baseline) bench_a2a.py suite
+#   bash scripts/gpu_session.sh sglang          # SGLang from .whl-sglang (carry it) + our GPU test
 #
 # Logs and JSON go to $OUT (the device tool's output folder) or ./out.
 set -euo pipefail
@@ -28,7 +32,16 @@ with_vllm() {
 }
 case "$step" in
   stage)
-    python3 scripts/vllm_bundle.py stage --bundle .bundle --target /tmp/vllm_site 2>&1 | tail -2 ;;
+    python3 scripts/vllm_bundle.py stage --bundle "${A2A_BUNDLE:-.bundle}" --target /tmp/vllm_site \
+      2>&1 | tail -2 ;;
+  vllm)
+    with_vllm
+    python3 -c "import torch, vllm; from vllm_a2a_plugin import ops; \
+print('vllm', vllm.__version__, 'torch', torch.__version__, 'kernels', ops.kernel_status())" \
+      2>&1 | tee "$out/vllm_import.log" | tail -3
+    python3 -m pytest tests/test_install_toolchain.py tests/test_vllm_plugin.py \
+      tests/test_vllm_gpu_experts.py -q --timeout 300 -p no:cacheprovider -rs \
+      2>&1 | tee "$out/vllm.log" | tail -12 ;;
   kernels)
     python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | tail -3
     python3 -m pytest tests/test_kernels_gpu.py tests/test_ipc_one_gpu.py \
@@ -49,5 +62,34 @@ case "$step" in
       -k "${2:-not multigpu}" 2>&1 | tee "$out/engine.log" \
       | grep -E "ENGINE_RESULT|PASSED|FAILED|SKIPPED|Error|^E " | tail -40
     cp /tmp/pytest-of-*/pytest-*/test_two_dp*/rank*.log "$out/" 2>/dev/null || true ;;
+  bench)
+    # flashinfer's MoeAlltoAll comes from the bundle; its JIT cache stays for later calls.
+    export PYTHONPATH=/tmp/vllm_site FLASHINFER_WORKSPACE_BASE=/tmp/flashinfer_ws
+    python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | tail -3
+    shift
+    A2A_COMMIT=$commit timeout "${BENCH_TIMEOUT_S:-560}" python3 benchmarks/bench_a2a.py \
+      --out "$out/suite.json" "$@" 2>&1 | grep -v "it/s]" | tee "$out/bench.log" | tail -15 ;;
+  sglang)
+    # SGLang 0.5.23 and what it imports beyond this machine's packages, as wheels
+    # (scripts/install_sglang.sh lists them); its own site, never vLLM's.
+    python3 -m pip install -q --no-index --no-deps --target /tmp/sglang_site .whl-sglang/*.whl \
+      2>&1 | tail -3
+    python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | tail -3
+    export PYTHONPATH=/tmp/sglang_site
+    python3 - <<'PY' 2>&1 | tee "$out/sglang_import.log" | tail -30
+import importlib, traceback
+import torch
+print("torch", torch.__version__)
+for name in ("sglang", "sglang.srt.plugins", "sgl_kernel",
+             "sglang.srt.layers.moe.moe_runner.triton", "vllm_a2a_plugin.sglang.dispatcher"):
+    try:
+        importlib.import_module(name)
+        print("import", name, "ok")
+    except BaseException:  # noqa: BLE001 - report every failure in full
+        print("import", name, "FAILED"); traceback.print_exc(limit=3)
+PY
+    python3 -m pytest tests/test_sglang_plugin.py tests/test_sglang_dispatch_cpu.py \
+      tests/test_sglang_gpu.py -q --timeout 300 -p no:cacheprovider -rs \
+      2>&1 | tee "$out/sglang.log" | tail -25 ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
 esac

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.bench_a2a import convention_bytes, per_iteration_kernel_times
+from benchmarks.bench_a2a import convention_bytes, per_iteration_kernel_times, start_skews
 
 
 def test_kernel_times_are_grouped_per_iteration_and_divided_by_ranks():
@@ -25,6 +25,14 @@ def test_kernel_times_are_grouped_per_iteration_and_divided_by_ranks():
     times = per_iteration_kernel_times(list(reversed(events)), iters=2, ranks=2)
     assert times["dispatch"] == (2, [3.5, 4.5])
     assert times["combine"] == (2, [2.0, 4.0])
+
+
+def test_start_skew_is_last_minus_first_start_per_iteration():
+    # 2 iterations x 3 ranks, starts out of order; one kernel per iteration has no skew.
+    events = [("dispatch_kernel", t, 1.0) for t in (5.0, 0.0, 2.5, 107.0, 100.0, 101.0)]
+    events += [("combine_kernel", t, 1.0) for t in (50.0, 150.0)]
+    skews = start_skews(events, iters=2)
+    assert skews == {"dispatch": [5.0, 7.0]}
 
 
 def test_kernel_counts_that_do_not_divide_leave_the_op_out(capsys):
