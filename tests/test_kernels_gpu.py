@@ -265,6 +265,14 @@ def test_cuda_graph_replay_with_new_data(mode):
     with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
         results, outs = step()
     torch.cuda.current_stream().wait_stream(stream)
+    # Eager rounds with other token counts between capture and replay (every rank
+    # empty, then a mixed step), then the allocator's cache emptied: the outputs
+    # the graph writes (out=None, the all-to-all's own buffer) must still be
+    # there. A buffer per token count was freed here, and replays wrote into
+    # freed memory (an illegal address in bench_a2a.py's zero-token floor).
+    run_round(ranks, gen, [0] * p)
+    run_round(ranks, gen, [3, 0, m, 1])
+    torch.cuda.empty_cache()
     replays = 20 if quick() else 100
     for _ in range(replays):
         xs, ids, ws = load_new_data()

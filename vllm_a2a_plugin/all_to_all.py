@@ -141,7 +141,7 @@ class OneSidedAllToAll:
         self._topk_ids: torch.Tensor | None = None
         self._dispatch_args = None
         self._combine_dst: torch.Tensor | None = None
-        self._combine_out: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+        self._combine_out: torch.Tensor | None = None  # see combine_output
         self._views_by_m: dict[int, DispatchResult] = {}
         # Per-call host work, paid once here (issue 15: eager host time): the op
         # overloads (`.default` skips the packet's overload lookup), the spec's
@@ -308,8 +308,9 @@ class OneSidedAllToAll:
             y: ``[P * M, H]`` (or ``[P, M, H]``) expert outputs of this rank,
                 combine dtype, already weighted and reduced over local experts.
                 None when the experts wrote into :meth:`combine_input` directly.
-            out: ``[T, H]`` destination (combine dtype); allocated when None
-                (and then reused across calls of the same shape).
+            out: ``[T, H]`` destination (combine dtype); when None, a view of
+                one buffer this all-to-all keeps for every call (valid until its
+                next combine; a CUDA graph may keep writing into it).
             phases: ``PHASE_BOTH``, or ``PHASE_SEND`` followed by :meth:`wait_combine`.
 
         Returns:
@@ -336,7 +337,7 @@ class OneSidedAllToAll:
         return out
 
     def combine_output(self, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The ``[T, H]`` tensor combine will write: ``out`` checked, or a cached one.
+        """The ``[T, H]`` tensor combine will write: ``out`` checked, or a view of ours.
 
         Allocating here (not between launches) matters when several ranks share
         a process: an allocation can synchronise the device while a launched
@@ -349,13 +350,15 @@ class OneSidedAllToAll:
             check_tensor(out, "out", dtype=self.spec.combine_dtype,
                          shape=(num_tokens, self.spec.hidden_size), device=self.device)
             return out
-        key = (num_tokens, self.spec.combine_dtype)
-        cached = self._combine_out.get(key)
-        if cached is None:
-            cached = torch.empty(num_tokens, self.spec.hidden_size, device=self.device,
-                                 dtype=self.spec.combine_dtype)
-            self._combine_out = {key: cached}
-        return cached
+        # One buffer at capacity for every token count, never replaced: a CUDA
+        # graph captured with out=None keeps the address it got, so the buffer must
+        # outlive every graph. (A cache per count freed the old tensor when the
+        # count changed, and a graph replayed after that wrote into freed memory.)
+        if self._combine_out is None:
+            self._combine_out = torch.empty(
+                (self.spec.max_tokens_per_rank, self.spec.hidden_size), device=self.device,
+                dtype=self.spec.combine_dtype)
+        return self._combine_out[:num_tokens]
 
     def wait_combine(self) -> torch.Tensor:
         """Second half of a split combine: wait for every peer, then reduce into ``out``."""
