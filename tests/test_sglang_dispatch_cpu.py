@@ -134,6 +134,14 @@ def _rank_main(rank, world_size, port, counts, fp8):
     destroy_pools()
 
 
+@pytest.fixture(autouse=True)
+def _ranks_see_no_gpu(monkeypatch):
+    """The ranks (spawned processes, which inherit this environment) run on CPU
+    wherever this runs: on a GPU machine SGLang would take its CUDA paths, which
+    import its compiled sgl_kernel (tests/sglang_support.py)."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
 @pytest.mark.parametrize("world_size, counts", [
     (2, [[5, 0], [0, 3], [7, 4]]),
     (3, [[4, 0, 7], [1, 1, 0]]),

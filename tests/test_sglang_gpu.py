@@ -18,6 +18,8 @@ import torch
 
 pytest.importorskip("sglang.srt.plugins", reason="SGLang is not installed (SGLang env only)")
 
+from tests.sglang_support import import_or_skip_without_sgl_kernel  # noqa: E402
+
 pytestmark = pytest.mark.gpu
 
 NUM_EXPERTS, HIDDEN, INTER, TOP_K = 16, 256, 128, 4
@@ -31,14 +33,14 @@ def _sglang_triton_runner_or_skip():
     from vllm_a2a_plugin.sglang import register
 
     register()  # idempotent; where the package runs from PYTHONPATH, no entry point is installed
-    try:
-        import vllm_a2a_plugin.sglang.dispatcher  # noqa: F401 - imports SGLang's MoE layers
-        from sglang.srt.layers.moe.moe_runner import MoeRunnerConfig
-        from sglang.srt.layers.moe.moe_runner.runner import MoeRunner
-        from sglang.srt.layers.moe.moe_runner.triton import TritonMoeQuantInfo
-        from sglang.srt.layers.moe.utils import MoeRunnerBackend
-    except Exception as exc:  # noqa: BLE001 - e.g. sgl_kernel built for another torch
-        pytest.skip(f"SGLang's Triton MoE runner does not import here: {exc!r}")
+    # SGLang's MoE layers import its compiled sgl_kernel on a GPU machine: without
+    # it (built for another torch) that is the skip; any other import error fails.
+    import_or_skip_without_sgl_kernel()
+    import vllm_a2a_plugin.sglang.dispatcher  # noqa: F401 - imports SGLang's MoE layers
+    from sglang.srt.layers.moe.moe_runner import MoeRunnerConfig
+    from sglang.srt.layers.moe.moe_runner.runner import MoeRunner
+    from sglang.srt.layers.moe.moe_runner.triton import TritonMoeQuantInfo
+    from sglang.srt.layers.moe.utils import MoeRunnerBackend
     return MoeRunnerConfig, MoeRunner, TritonMoeQuantInfo, MoeRunnerBackend
 
 
@@ -52,10 +54,10 @@ def _select_our_backend() -> None:
 
 class _Setup:
     def __init__(self, p: int, *, dispatch_fp8: bool, capacity: int = 64):
+        runner_config_cls, runner_cls, quant_info_cls, backend = _sglang_triton_runner_or_skip()
         from vllm_a2a_plugin import A2AConfig, AllToAllSpec, LocalRanks
         from vllm_a2a_plugin.sglang.dispatcher import EpPlacement, OneSidedDispatcher
 
-        runner_config_cls, runner_cls, quant_info_cls, backend = _sglang_triton_runner_or_skip()
         _select_our_backend()
         device = torch.device("cuda", torch.cuda.current_device())
         gen = torch.Generator(device="cpu").manual_seed(3)

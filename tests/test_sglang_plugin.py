@@ -7,6 +7,7 @@ where SGLang is not installed (the vLLM environments).
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -15,6 +16,7 @@ import pytest
 
 pytest.importorskip("sglang.srt.plugins", reason="SGLang is not installed (SGLang env only)")
 
+from tests.sglang_support import import_or_skip_without_sgl_kernel  # noqa: E402
 from vllm_a2a_plugin import BACKEND_NAME  # noqa: E402
 
 
@@ -41,7 +43,7 @@ def test_loader_installs_our_hooks(loaded):
 
     assert loaded._installed
     assert "sglang.srt.arg_groups.overrides._a2a_fusion_adjustments" in HookRegistry._patched
-    import sglang.srt.layers.moe.fused_moe_triton.layer as layer
+    layer = import_or_skip_without_sgl_kernel()
 
     assert "sglang.srt.layers.moe.fused_moe_triton.layer.create_moe_dispatcher" in \
         HookRegistry._patched
@@ -80,6 +82,7 @@ def test_literal_validation_accepts_only_known_names(loaded):
 
 
 def test_published_config_carries_the_name(loaded):
+    import_or_skip_without_sgl_kernel("sglang.srt.layers.quantization")  # resolve_once loads it
     from sglang.srt.runtime_context import get_exec, publish
     from sglang.srt.server_args import prepare_server_args
 
@@ -134,6 +137,8 @@ def test_engine_adapters_do_not_import_each_other(module, forbidden):
     code = (f"import sys, importlib; importlib.import_module({module!r}); "
             f"bad = sorted(m for m in sys.modules if m == {forbidden!r} or "
             f"m.startswith({forbidden!r} + '.')); print(bad); sys.exit(1 if bad else 0)")
+    # CUDA hidden: the import graph is the question, and on a GPU machine SGLang's
+    # modules would also import its compiled sgl_kernel (tests/sglang_support.py).
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=300)
+                            timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert result.returncode == 0, result.stdout + result.stderr

@@ -101,8 +101,12 @@ def test_cli_accepts_flag_and_rejects_misspelling():
 
 @pytest.mark.slow
 def test_vllm_serve_help_lists_backend():
-    proc = subprocess.run([os.path.join(os.path.dirname(sys.executable), "vllm"), "serve",
-                           "--help=all2all-backend"], cwd=ROOT, capture_output=True, text=True,
+    # The `vllm` console script where pip installed vLLM; where vLLM comes from
+    # PYTHONPATH (the GPU machine's bundle) there is none, and its module runs the same main().
+    script = os.path.join(os.path.dirname(sys.executable), "vllm")
+    cli = [script] if os.path.exists(script) else [sys.executable, "-m", "vllm.entrypoints.cli.main"]
+    proc = subprocess.run([*cli, "serve", "--help=all2all-backend"], cwd=ROOT,
+                          capture_output=True, text=True,
                           env={**os.environ, "VLLM_TARGET_DEVICE": "cpu"}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "a2a_one_sided" in proc.stdout
