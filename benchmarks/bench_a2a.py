@@ -80,6 +80,8 @@ def parse_args(argv=None):
     p.add_argument("--max-blocks", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<gpu>/...)")
     p.add_argument("--name", default="a2a", help="result file stem")
+    p.add_argument("--signal-floor", action="store_true",
+                   help="graph rows also time our kernels with no token on any rank")
     p.add_argument("--trace-dir", default=None,
                    help="write the profiler trace (Chrome JSON, gzip) of every `kernel` point of "
                         "ours here: <shape>_<dtype>_<routing>_t<tokens>_ep<ranks>.json.gz")
@@ -441,10 +443,11 @@ def ours_single_process(args, shape, dtype, tokens, kind, ep_size, gen, device):
         row[4]["floor_queued_us"] = round(floor, 2)  # same launch structure, empty kernels
         # Our own kernels with no token on any rank: launches plus the cross-rank
         # flag waits of both phases, no data; what a round trip cannot go below.
-        signal = capture_round_trip(dispatch_no_tokens, combine, device)
-        row[4]["signal_floor_queued_us"] = round(stats(timed(
-            signal.replay, iters=args.iters, warmup=args.warmup, queue_ahead=True))[0], 2)
-        del signal
+        if args.signal_floor:
+            signal = capture_round_trip(dispatch_no_tokens, combine, device)
+            row[4]["signal_floor_queued_us"] = round(stats(timed(
+                signal.replay, iters=args.iters, warmup=args.warmup, queue_ahead=True))[0], 2)
+            del signal
         rows.append(row)
         ranks.synchronize()
     if "kernel" in args.modes:

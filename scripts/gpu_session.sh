@@ -13,6 +13,9 @@
 #   bash scripts/gpu_session.sh engine "<-k expr>"   # (bundle) engine tests, e.g. "eager and bf16"
 #   bash scripts/gpu_session.sh bench [args]    # (bundle: flashinfer baseline) bench_a2a.py suite
 #   bash scripts/gpu_session.sh sglang          # SGLang from .whl-sglang (carry it) + our GPU test
+#     .whl-sglang (53 MB, for the GPU machine's Python 3.12) is built here with
+#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       -d .whl-sglang -r scripts/sglang_gpu_wheels.txt
 #
 # Logs and JSON go to $OUT (the device tool's output folder) or ./out.
 set -euo pipefail
