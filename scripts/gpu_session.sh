@@ -42,8 +42,10 @@ case "$step" in
     python3 -c "import torch, vllm; from vllm_a2a_plugin import ops; \
 print('vllm', vllm.__version__, 'torch', torch.__version__, 'kernels', ops.kernel_status())" \
       2>&1 | tee "$out/vllm_import.log" | tail -3
-    python3 -m pytest tests/test_install_toolchain.py tests/test_vllm_plugin.py \
-      tests/test_vllm_gpu_experts.py -q --timeout 300 -p no:cacheprovider -rs \
+    # test_vllm_plugin.py (CPU-level: parser, loader, gloo modular kernel) runs in CI
+    # against both vLLM versions; add it here with A2A_PLUGIN_TESTS=1.
+    python3 -m pytest tests/test_install_toolchain.py tests/test_vllm_gpu_experts.py \
+      ${A2A_PLUGIN_TESTS:+tests/test_vllm_plugin.py} -q --timeout 300 -p no:cacheprovider -rs \
       2>&1 | tee "$out/vllm.log" | tail -12 ;;
   kernels)
     python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | tail -3
