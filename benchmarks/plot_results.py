@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MARK_BEGIN = "<!-- bench-table:begin -->"
 MARK_END = "<!-- bench-table:end -->"
 OPS = ("dispatch", "combine", "round_trip")
+MODE_STYLES = {"eager": ("-", "o"), "graph": ("--", "s"), "kernel": (":", "^")}
 
 
 def label(row) -> str:
@@ -38,17 +39,21 @@ def plot_file(path: Path) -> list[Path]:
     written = []
     for (shape, dtype, routing), rows in sorted(groups.items()):
         fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=False)
-        names = sorted({label(r) for r in rows})
-        colors = {n: plt.cm.tab10(i % 10) for i, n in enumerate(names)}
+        # One colour per implementation and rank count, one line style per timing
+        # mode: more than ten series share tab10's colours otherwise.
+        series = sorted({(r["impl"], r["ep_size"]) for r in rows})
+        colors = {s: plt.cm.tab10(i % 10) for i, s in enumerate(series)}
         for ax, op in zip(axes, OPS):
             lines = defaultdict(list)
             for row in rows:
                 if row["op"] == op:
-                    lines[label(row)].append((row["tokens_per_rank"], row["median_us"]))
-            for name, points in sorted(lines.items()):
+                    lines[(label(row), row["impl"], row["ep_size"], row["mode"])].append(
+                        (row["tokens_per_rank"], row["median_us"]))
+            for (name, impl, ep, mode), points in sorted(lines.items()):
                 points.sort()
-                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name,
-                        color=colors[name])
+                style = MODE_STYLES.get(mode, ("-", "o"))
+                ax.plot([p[0] for p in points], [p[1] for p in points], linestyle=style[0],
+                        marker=style[1], label=name, color=colors[(impl, ep)])
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_title(op)
