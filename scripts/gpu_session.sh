@@ -76,8 +76,8 @@ print('vllm', vllm.__version__, 'torch', torch.__version__, 'kernels', ops.kerne
       --out "$out/suite.json" "$@" 2>&1 | grep -v "it/s]" | tee "$out/bench.log" | tail -15 ;;
   sglang)
     # SGLang 0.5.23 and what it imports beyond this machine's packages, as wheels
-    # (scripts/install_sglang.sh lists them); its own site, never vLLM's.
-    python3 -m pip install -q --no-index --no-deps --target /tmp/sglang_site .whl-sglang/*.whl \
+    # (scripts/sglang_gpu_wheels.txt lists them); its own site, never vLLM's.
+    python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/sglang_site .whl-sglang/*.whl \
       2>&1 | tail -3
     python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | tail -3
     export PYTHONPATH=/tmp/sglang_site
