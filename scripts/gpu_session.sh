@@ -66,7 +66,8 @@ print('vllm', vllm.__version__, 'torch', torch.__version__, 'kernels', ops.kerne
     python3 -m pytest tests/test_engine.py -v -s --timeout 900 -p no:cacheprovider -rs \
       -k "${2:-not multigpu}" 2>&1 | tee "$out/engine.log" \
       | grep -E "ENGINE_RESULT|PASSED|FAILED|SKIPPED|Error|^E " | tail -40
-    cp /tmp/pytest-of-*/pytest-*/test_two_dp*/rank*.log "$out/" 2>/dev/null || true ;;
+    cp /tmp/pytest-of-*/pytest-*/test_two_dp*/rank*.log "$out/" 2>/dev/null || true
+    cp /tmp/pytest-of-*/pytest-*/test_vllm_serve_dp2*/serve-rank*.log "$out/" 2>/dev/null || true ;;
   bench)
     # flashinfer's MoeAlltoAll comes from the bundle; its JIT cache stays for later calls.
     export PYTHONPATH=/tmp/vllm_site FLASHINFER_WORKSPACE_BASE=/tmp/flashinfer_ws
