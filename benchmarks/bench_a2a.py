@@ -304,53 +304,65 @@ def kernel_rows(replay, *, iters: int, ranks: int, device, op_bytes: dict[str, d
     empty = [d for n, _, d in events if "spin_kernel" in n]
     empty_us = round(stats(empty)[0], 2) if empty else None
     rows = []
-    skews = start_skews(events, iters=iters)
-    for op, (per_iter, samples) in per_iteration_kernel_times(events, iters=iters,
-                                                              ranks=ranks).items():
+    for op, iterations in kernels_per_iteration(events, iters=iters).items():
         b = op_bytes[op]
+        samples = _us_per_rank(iterations, ranks)
         med = stats(samples)[0]
-        extra = {"kernels_per_iteration": per_iter, "empty_kernel_us": empty_us,
-                 "start_skew_us": round(stats(skews[op])[0], 2) if skews.get(op) else None,
+        skews = _start_skews(iterations)
+        extra = {"kernels_per_iteration": len(iterations[0]), "empty_kernel_us": empty_us,
+                 "start_skew_us": round(stats(skews)[0], 2) if skews else None,
                  "deepep_gbps": round(b["deepep_bytes"] / (med * 1e-6) / 1e9, 2) if med else 0.0,
                  "trtllm_gbps": round(b["trtllm_bytes"] / (med * 1e-6) / 1e9, 2) if med else 0.0}
         rows.append((op, "kernel", samples, b["bytes"] // ranks, extra))
     return rows
 
 
-def per_iteration_kernel_times(events: list[tuple[str, float, float]], *, iters: int,
-                               ranks: int) -> dict[str, tuple[int, list[float]]]:
-    """``{op: (kernels per iteration, [us per rank, one per iteration])}`` from the
-    profiler's ``(name, start_us, duration_us)`` kernels of ``iters`` replays.
+def kernels_per_iteration(events: list[tuple[str, float, float]], *, iters: int
+                          ) -> dict[str, list[list[tuple[float, float]]]]:
+    """``{op: [[(start_us, duration_us) of that op's kernels] per iteration]}`` from
+    the profiler's ``(name, start_us, duration_us)`` kernels of ``iters`` replays.
 
     Kernels are taken in start order, ``len / iters`` per iteration (replays do
     not overlap: each waits for the L2 flush before it); an op whose count does
     not divide by ``iters`` is left out with a message."""
-    times = {}
+    grouped = {}
     ordered = sorted(events, key=lambda e: e[1])
     for op, name in KERNEL_NAMES.items():
-        durations = [d for n, _, d in ordered if name in n]
-        if not durations or len(durations) % iters:
-            print(f"kernel time for {op}: found {len(durations)} '{name}' kernels over {iters} "
+        kernels = [(t, d) for n, t, d in ordered if name in n]
+        if not kernels or len(kernels) % iters:
+            print(f"kernel time for {op}: found {len(kernels)} '{name}' kernels over {iters} "
                   f"iterations; no kernel row")
             continue
-        per_iter = len(durations) // iters
-        times[op] = (per_iter, [sum(durations[i * per_iter:(i + 1) * per_iter]) / ranks
-                                for i in range(iters)])
-    return times
+        per_iter = len(kernels) // iters
+        grouped[op] = [kernels[i * per_iter:(i + 1) * per_iter] for i in range(iters)]
+    return grouped
+
+
+def _us_per_rank(iterations: list[list[tuple[float, float]]], ranks: int) -> list[float]:
+    return [sum(d for _, d in kernels) / ranks for kernels in iterations]
+
+
+def _start_skews(iterations: list[list[tuple[float, float]]]) -> list[float]:
+    """Last minus first kernel start per iteration; none with one kernel per iteration."""
+    if len(iterations[0]) < 2:
+        return []
+    return [kernels[-1][0] - kernels[0][0] for kernels in iterations]
+
+
+def per_iteration_kernel_times(events: list[tuple[str, float, float]], *, iters: int,
+                               ranks: int) -> dict[str, tuple[int, list[float]]]:
+    """``{op: (kernels per iteration, [us per rank, one per iteration])}``: the
+    summed durations of each iteration's kernels (:func:`kernels_per_iteration`)."""
+    return {op: (len(its[0]), _us_per_rank(its, ranks))
+            for op, its in kernels_per_iteration(events, iters=iters).items()}
 
 
 def start_skews(events: list[tuple[str, float, float]], *, iters: int) -> dict[str, list[float]]:
     """``{op: [last - first kernel start of that op, us, one per iteration]}``; ops
     with one kernel per iteration or a count that does not divide are left out."""
-    skews = {}
-    ordered = sorted(events, key=lambda e: e[1])
-    for op, name in KERNEL_NAMES.items():
-        starts = [t for n, t, _ in ordered if name in n]
-        if not starts or len(starts) % iters or len(starts) // iters < 2:
-            continue
-        per_iter = len(starts) // iters
-        skews[op] = [starts[(i + 1) * per_iter - 1] - starts[i * per_iter] for i in range(iters)]
-    return skews
+    grouped = kernels_per_iteration(events, iters=iters)
+    skews = {op: _start_skews(its) for op, its in grouped.items()}
+    return {op: values for op, values in skews.items() if values}
 
 
 def convention_bytes(topk_ids: list[torch.Tensor], *, num_experts: int, ep_size: int, top_k: int,

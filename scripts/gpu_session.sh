@@ -28,10 +28,14 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 export PYTHONUNBUFFERED=1 CUDA_DEVICE_MAX_CONNECTIONS=32 VLLM_A2A_CUDA_ARCHS=90a
 export VLLM_A2A_BUILD_DIR=${VLLM_A2A_BUILD_DIR:-/tmp/a2a_build}
 commit=${A2A_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+# Installs this tree editable: registers our entry points for the engines' plugin
+# loaders and builds the kernels for this machine's torch.
+install_plugin() {
+  python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | tail -3
+}
 with_vllm() {
   export PYTHONPATH=/tmp/vllm_site VLLM_USE_FLASHINFER_SAMPLER=0
-  # Registers our entry point for vLLM's plugin loader (and builds the kernels).
-  python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | tail -3
+  install_plugin
 }
 case "$step" in
   stage)
@@ -48,7 +52,7 @@ print('vllm', vllm.__version__, 'torch', torch.__version__, 'kernels', ops.kerne
       ${A2A_PLUGIN_TESTS:+tests/test_vllm_plugin.py} -q --timeout 300 -p no:cacheprovider -rs \
       2>&1 | tee "$out/vllm.log" | tail -12 ;;
   kernels)
-    python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | tail -3
+    install_plugin
     python3 -m pytest tests/test_kernels_gpu.py tests/test_ipc_one_gpu.py \
       tests/test_default_device_gpu.py tests/test_faults_gpu.py tests/test_resources_gpu.py \
       -q --timeout 300 -p no:cacheprovider -rs 2>&1 | tee "$out/kernels.log" | tail -15
@@ -66,20 +70,21 @@ print('vllm', vllm.__version__, 'torch', torch.__version__, 'kernels', ops.kerne
     python3 -m pytest tests/test_engine.py -v -s --timeout 900 -p no:cacheprovider -rs \
       -k "${2:-not multigpu}" 2>&1 | tee "$out/engine.log" \
       | grep -E "ENGINE_RESULT|PASSED|FAILED|SKIPPED|Error|^E " | tail -40
-    cp /tmp/pytest-of-*/pytest-*/test_two_dp*/rank*.log "$out/" 2>/dev/null || true ;;
+    cp /tmp/pytest-of-*/pytest-*/test_two_dp*/rank*.log "$out/" 2>/dev/null || true
+    cp /tmp/pytest-of-*/pytest-*/test_vllm_serve_dp2*/serve-rank*.log "$out/" 2>/dev/null || true ;;
   bench)
     # flashinfer's MoeAlltoAll comes from the bundle; its JIT cache stays for later calls.
     export PYTHONPATH=/tmp/vllm_site FLASHINFER_WORKSPACE_BASE=/tmp/flashinfer_ws
-    python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | tail -3
+    install_plugin
     shift
     A2A_COMMIT=$commit timeout "${BENCH_TIMEOUT_S:-560}" python3 benchmarks/bench_a2a.py \
       --out "$out/suite.json" "$@" 2>&1 | grep -v "it/s]" | tee "$out/bench.log" | tail -15 ;;
   sglang)
     # SGLang 0.5.23 and what it imports beyond this machine's packages, as wheels
-    # (scripts/install_sglang.sh lists them); its own site, never vLLM's.
-    python3 -m pip install -q --no-index --no-deps --target /tmp/sglang_site .whl-sglang/*.whl \
+    # (scripts/sglang_gpu_wheels.txt lists them); its own site, never vLLM's.
+    python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/sglang_site .whl-sglang/*.whl \
       2>&1 | tail -3
-    python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | tail -3
+    install_plugin
     export PYTHONPATH=/tmp/sglang_site
     python3 - <<'PY' 2>&1 | tee "$out/sglang_import.log" | tail -30
 import importlib, traceback

@@ -4,13 +4,17 @@ Needs CUDA, our kernels and vLLM importable (on the GPU machines: the offline
 bundle of scripts/vllm_bundle.py on PYTHONPATH). One GPU: ``LLM(...)`` and
 ``vllm serve`` (a real HTTP request on 127.0.0.1) with CUDA graphs on and off;
 with DP=1 the all-to-all itself is idle, so these prove the plugin loads and
-the flag is honoured end to end. Two GPUs: DP=2 expert parallel with
-``a2a_one_sided`` must give the same greedy tokens as
-``allgather_reducescatter``, including a step where one DP rank has no request.
+the flag is honoured end to end. Two DP ranks on one GPU, offline (``LLM``)
+and served (``vllm serve`` in external load-balancing mode, every request to
+rank 0): both ranks' MoE layers run our kernels, the idle rank's dummy batches
+included. Two GPUs: DP=2 expert parallel with ``a2a_one_sided`` must give the
+same greedy tokens as ``allgather_reducescatter``, including a step where one
+DP rank has no request.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -233,6 +237,51 @@ def test_two_dp_ranks_on_one_gpu_run_our_kernels(tiny_model, tmp_path, graphs, q
     summary = compare_greedy(outputs, reference["outputs"], LOGPROB_TOL[quantization])
     print("ENGINE_RESULT", json.dumps({"counts": counts, "tokens": summary,
                                        "generate_s": [r["generate_s"] for r in ranks]}))
+
+
+def test_vllm_serve_dp2_on_one_gpu_idle_rank_runs_our_kernels(tiny_model, tmp_path):
+    """``vllm serve`` with DP=2, EP=2, both ranks on one GPU (external load
+    balancing: one server per rank), eager, bf16. Every request goes to rank 0;
+    rank 1 gets none, so only vLLM's DP coordinator can wake it (START_DP_WAVE)
+    to run dummy batches through our kernels while rank 0 decodes. Per request
+    both ranks' device counters must advance by the same amount, at least one
+    dispatch per MoE layer per generated token, and the greedy tokens must
+    equal a DP=1 run of vLLM's own MoE path."""
+    from vllm_a2a_plugin.testing.engine_check import serve_dp_on_one_gpu
+
+    requests = [{"prompt": PROMPTS[0], "max_tokens": MAX_TOKENS},
+                {"prompt": PROMPTS[1], "max_tokens": MAX_TOKENS}]
+    served = serve_dp_on_one_gpu(tiny_model, tmp_path, requests,
+                                 ["--all2all-backend", "a2a_one_sided", "--enforce-eager"],
+                                 engine_env())
+    reference = engine_check(tiny_model, tmp_path / "reference.json", requests=requests)
+
+    start = served["counts_after_start"]
+    every_read = [start, *served["counts_after_request"]]
+    assert [c["dp_rank"] for c in start] == [0, 1], start  # each port answers for its rank
+    assert [c["allocation"] for c in start] == ["cuda_ipc", "cuda_ipc"], start
+    for ranks in every_read:
+        for counts in ranks:
+            assert counts["dispatches"] == counts["combines"], ranks
+            assert counts["all_to_alls"] == 1, ranks  # the tiny model's layers share one shape
+    assert start[0]["dispatches"] == start[1]["dispatches"] > 0, start  # profiling in lock step
+    waves = []
+    for before, after in itertools.pairwise(every_read):
+        dispatches = [a["dispatches"] - b["dispatches"] for a, b in zip(after, before)]
+        host_calls = [a["prepare_calls"] - b["prepare_calls"] for a, b in zip(after, before)]
+        waves.append({"dispatches": dispatches, "host_calls": host_calls})
+        # Rank 1 had no request, yet ran as many rounds as rank 0: its dummy batches.
+        assert dispatches[0] == dispatches[1], waves
+        # MAX_TOKENS forward steps at least; the wave then runs dummy batches on
+        # both ranks up to the next DP sync step (vLLM's dp_sync_interval, 16).
+        assert dispatches[0] % NUM_MOE_LAYERS == 0, waves
+        assert dispatches[0] >= NUM_MOE_LAYERS * MAX_TOKENS, waves
+        assert host_calls == dispatches, waves  # eager: one Python call per round
+    assert all(o["text"] for o in served["outputs"]), served["outputs"]
+    summary = compare_greedy(served["outputs"], reference["outputs"], LOGPROB_TOL["bf16"])
+    print("ENGINE_RESULT", json.dumps({"start": [c["dispatches"] for c in start],
+                                       "waves": waves, "tokens": summary,
+                                       "exit_codes": served["exit_codes"]}))
 
 
 @pytest.mark.multigpu

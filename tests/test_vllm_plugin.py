@@ -112,6 +112,52 @@ def test_vllm_serve_help_lists_backend():
     assert "a2a_one_sided" in proc.stdout
 
 
+def test_served_dp_on_one_gpu_command_is_external_lb_on_local_device_0(tmp_path):
+    """The ``vllm serve`` command line of the one-GPU DP engine test
+    (``engine_check.serve_dp_command``) through vLLM's own serve parser and
+    config: external load balancing, one engine per process whose local DP
+    rank defaults to 0 (its worker takes cuda:0), rank 0 runs the coordinator,
+    DP sync on gloo, fixed KV cache, our counter extension for /collective_rpc."""
+    proc = run_python(f"""
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.entrypoints.cli.serve import ServeSubcommand
+        from vllm.plugins import load_general_plugins
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+        from vllm_a2a_plugin.testing.engine_check import (COUNTS_WORKER_EXTENSION,
+                                                          serve_dp_command)
+        from vllm_a2a_plugin.testing.tiny_moe import TinyMoESpec, make_tiny_moe
+
+        load_general_plugins()
+        model = str(make_tiny_moe({str(tmp_path)!r}, TinyMoESpec(top_k=2)))
+        root = FlexibleArgumentParser()
+        ServeSubcommand().subparser_init(root.add_subparsers(dest="subparser"))
+        for rank in (0, 1):
+            cmd = serve_dp_command(model, rank, 2, 8000 + rank, 29600,
+                                   ["--all2all-backend", "a2a_one_sided", "--enforce-eager"])
+            assert cmd[1:4] == ["-m", "vllm.entrypoints.cli.main", "serve"], cmd
+            args = root.parse_args(cmd[3:])
+            args.model = args.model_tag  # what vLLM's CLI main does
+            ServeSubcommand().validate(args)
+            config = AsyncEngineArgs.from_cli_args(args).create_engine_config(
+                usage_context=UsageContext.OPENAI_API_SERVER)
+            pc = config.parallel_config
+            assert (pc.data_parallel_size, pc.data_parallel_rank) == (2, rank)
+            assert pc.data_parallel_external_lb and pc.local_engines_only
+            assert pc.data_parallel_size_local == 1
+            assert pc.data_parallel_rank_local is None  # the engine process sets 0
+            assert config.needs_dp_coordinator and config.model_config.is_moe
+            assert pc.disable_nccl_for_dp_synchronization is True
+            assert config.cache_config.kv_cache_memory_bytes == 1 << 30
+            assert pc.worker_extension_cls == COUNTS_WORKER_EXTENSION
+            assert pc.all2all_backend == "a2a_one_sided" and pc.enable_expert_parallel
+            assert (pc.data_parallel_master_ip, pc.data_parallel_rpc_port) == ("127.0.0.1", 29600)
+        print("OK")
+    """)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "OK" in proc.stdout
+
+
 def test_llm_keyword_reaches_engine_args():
     """LLM(..., all2all_backend=...) forwards its kwargs to EngineArgs."""
     proc = run_python("""
