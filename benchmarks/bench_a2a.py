@@ -66,7 +66,8 @@ def parse_args(argv=None):
                    help="tokens per rank, comma separated")
     p.add_argument("--shapes", default=",".join(SHAPES), help=f"any of {list(SHAPES)}")
     p.add_argument("--dtypes", default="bf16,fp8", help="dispatch dtypes: bf16, fp8 (1x128 scales)")
-    p.add_argument("--routing", default="uniform,skewed")
+    p.add_argument("--routing", default="uniform,skewed",
+                   help="comma list of uniform, skewed, local (ids of the rank's own experts only)")
     p.add_argument("--ep-size", type=int, default=8,
                    help="logical ranks on one GPU (single-process mode)")
     p.add_argument("--impls", default="a2a_one_sided,nccl_a2a,agrs,flashinfer_one_sided",
@@ -383,12 +384,12 @@ def convention_bytes(topk_ids: list[torch.Tensor], *, num_experts: int, ep_size:
 def make_inputs(gen, shape, tokens, dtype, kind, ranks, device):
     """Random per-rank inputs, generated on the GPU (``gen`` is a CUDA generator)."""
     xs, scales, ids, weights = [], [], [], []
-    for _ in range(ranks):
+    for rank in range(ranks):
         x = torch.randn((tokens, shape.hidden), generator=gen, device=device)
         xs.append(x.to(dtype))
         scales.append(torch.rand((tokens, shape.hidden // 128), generator=gen, device=device)
                       if dtype == torch.float8_e4m3fn else None)
-        ids.append(routing(gen, tokens, shape, kind))
+        ids.append(routing(gen, tokens, shape, kind, rank=rank, ep_size=ranks))
         weights.append(torch.rand((tokens, shape.top_k), generator=gen, device=device))
     return xs, scales, ids, weights
 
