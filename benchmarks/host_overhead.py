@@ -102,23 +102,37 @@ def main(argv=None) -> None:
             split[op].append(spent[op] / args.iters * 1e6)
     dispatch_us, combine_us = (sorted(split[op])[2] for op in ("dispatch", "combine"))
 
-    # The two ops with every argument built once: attributes both the current and
-    # older versions of OneSidedAllToAll have (the session script times both).
+    # The two ops with every argument built once, as this tree's OneSidedAllToAll
+    # calls them: the planned ops where it has launch plans, else the general ops
+    # (the latency session runs this file against older sources too).
     out = torch.empty((args.tokens, shape.hidden), dtype=spec.combine_dtype, device=device)
-    tail = (a2a._max_blocks(), a2a.config.threads_per_block, a2a.config.timeout_ns)
-    payloads = [x] + ([scales] if fp8 else [])
-    payload_rows = list(spec.payload_row_bytes)
-    dispatch_op = torch.ops.a2a_one_sided.dispatch.default
-    combine_op = torch.ops.a2a_one_sided.combine.default
-    peer_ptrs = a2a.workspace.peer_ptrs
+    if hasattr(a2a, "_launch_plan"):
+        raw_ops = "planned"
+        plan = a2a._launch_plan()
+        dispatch_planned = torch.ops.a2a_one_sided.dispatch_planned.default
+        combine_planned = torch.ops.a2a_one_sided.combine_planned.default
 
-    def raw_round_trips(n: int) -> None:
-        for _ in range(n):
-            dispatch_op(a2a._buffer, peer_ptrs, 0, payloads, ids, weights, a2a._expert_owner,
-                        a2a._pad_ids, a2a._error_record_ptr, args.tokens, args.tokens,
-                        spec.combine_row_bytes, 3, *tail)
-            combine_op(a2a._buffer, peer_ptrs, 0, ids, a2a._expert_owner, out,
-                       a2a._error_record_ptr, args.tokens, args.tokens, payload_rows, 3, *tail)
+        def raw_round_trips(n: int) -> None:
+            for _ in range(n):
+                dispatch_planned(plan, a2a._buffer, x, scales, ids, weights, args.tokens, 3)
+                combine_planned(plan, a2a._buffer, ids, out, args.tokens, 3)
+    else:
+        raw_ops = "general"
+        tail = (a2a._max_blocks(), a2a.config.threads_per_block, a2a.config.timeout_ns)
+        payloads = [x] + ([scales] if fp8 else [])
+        payload_rows = list(spec.payload_row_bytes)
+        dispatch_op = torch.ops.a2a_one_sided.dispatch.default
+        combine_op = torch.ops.a2a_one_sided.combine.default
+        peer_ptrs = a2a.workspace.peer_ptrs
+
+        def raw_round_trips(n: int) -> None:
+            for _ in range(n):
+                dispatch_op(a2a._buffer, peer_ptrs, 0, payloads, ids, weights, a2a._expert_owner,
+                            a2a._pad_ids, a2a._error_record_ptr, args.tokens, args.tokens,
+                            spec.combine_row_bytes, 3, *tail)
+                combine_op(a2a._buffer, peer_ptrs, 0, ids, a2a._expert_owner, out,
+                           a2a._error_record_ptr, args.tokens, args.tokens, payload_rows, 3,
+                           *tail)
 
     raw_us = median_of_5(raw_round_trips)
     tiny = torch.empty(16, dtype=torch.uint8, device=device)
@@ -141,13 +155,14 @@ def main(argv=None) -> None:
     print(text.getvalue())
     print(f"host time per eager round trip (dispatch + combine), {args.shape} {args.dtype}, "
           f"{args.tokens} tokens: {enqueue_us:.1f} us (dispatch {dispatch_us:.1f}, combine "
-          f"{combine_us:.1f}); the two ops alone {raw_us:.1f} us; one trivial torch op "
+          f"{combine_us:.1f}); the two ops alone ({raw_ops}) {raw_us:.1f} us; one trivial torch op "
           f"{floor_us:.1f} us")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "shape": args.shape, "dtype": args.dtype, "tokens": args.tokens,
             "host_us_per_round_trip": round(enqueue_us, 2), "dispatch_us": round(dispatch_us, 2),
             "combine_us": round(combine_us, 2), "raw_ops_us_per_round_trip": round(raw_us, 2),
+            "raw_ops": raw_ops,
             "torch_op_floor_us": round(floor_us, 2)}))
 
 

@@ -311,7 +311,7 @@ def _ops_registered() -> bool:
 def _register_fakes() -> None:
     # The ops return nothing and only mutate their marked arguments, so tracing
     # (torch.compile, meta tensors) needs no shapes from them.
-    for op in ("dispatch", "combine"):
+    for op in ("dispatch", "combine", "dispatch_planned", "combine_planned"):
         qualname = f"{OP_NAMESPACE}::{op}"
         try:
             torch.library.register_fake(qualname)(lambda *args, **kwargs: None)
