@@ -227,24 +227,28 @@ def graph_round_trip(dispatch, combine, device, args, nbytes: int, *, before=Non
 
 
 def empty_structure_graph(ep_size: int, device) -> torch.cuda.CUDAGraph:
-    """The launch structure of our round trip with empty kernels: per rank two
-    kernels (dispatch, combine) on the rank's own stream (forked from and joined
-    to the capture stream when ``ep_size`` > 1, as LocalRanks' concurrent mode
-    does). Its replay time is the floor no kernel work can go below: launch and
-    graph overhead alone. The kernel is torch's ``spin_kernel`` with 0 cycles."""
+    """The launch structure of our round trip with empty kernels: dispatch, then
+    combine, one kernel per rank each. With ``ep_size`` > 1 each op is one wave as
+    LocalRanks' concurrent mode launches it: every rank's kernel on the rank's own
+    stream, forked from the capture stream and joined back to it, so the round
+    trip has two fork/join waves (the experts run between them). Its replay time
+    is the floor no kernel work can go below: launch and graph overhead alone.
+    The kernel is torch's ``spin_kernel`` with 0 cycles.
+
+    (Before 2026-11-25 session 5 the graph had one wave with both kernels on each
+    rank's stream: one fork/join fewer than the round trip it stood beside.)"""
     graph = torch.cuda.CUDAGraph()
     capture = torch.cuda.Stream(device)
     streams = [torch.cuda.Stream(device) for _ in range(ep_size)] if ep_size > 1 else []
     capture.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(capture), torch.cuda.graph(graph, stream=capture):
-        if not streams:
-            torch.cuda._sleep(0)
-            torch.cuda._sleep(0)
-        else:
+        for _op in ("dispatch", "combine"):
+            if not streams:
+                torch.cuda._sleep(0)
+                continue
             for stream in streams:
                 stream.wait_stream(capture)
                 with torch.cuda.stream(stream):
-                    torch.cuda._sleep(0)
                     torch.cuda._sleep(0)
             for stream in streams:
                 capture.wait_stream(stream)
