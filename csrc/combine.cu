@@ -120,17 +120,8 @@ __device__ bool wait_for_peers(const CommonParams& p, uint32_t epoch) {
 // Small batches (each warp has one unit: latency-bound) load the first pass of
 // this rank's own partial before the routing loads (ids -> owner) return: it is
 // our own workspace, always mapped and already final (stream order), so the load
-// is safe whether or not this rank turns out to be a target; when it is the
-// lowest target (always, at one rank), the chain ids -> owner -> partial loses
-// its last step.
-// The lowest rank in `set`, removed from it; -1 when empty.
-__device__ __forceinline__ int pop_lowest_rank(uint64_t& set) {
-  if (set == 0) return -1;
-  const int rank = __ffsll(static_cast<long long>(set)) - 1;
-  set &= set - 1;
-  return rank;
-}
-
+// is safe whether or not this rank turns out to be a target; when it is (always,
+// at one rank), the chain ids -> owner -> partial loses its last step.
 template <typename T>
 __device__ void reduce_tokens(const CombineParams& cp) {
   const CommonParams& p = cp.common;
@@ -175,45 +166,25 @@ __device__ void reduce_tokens(const CombineParams& cp) {
 #pragma unroll
         for (int e = 0; e < kElems; ++e) acc[u][e] = 0.f;
       }
-      auto load_from = [&](int rank, uint4 (&into)[kPass]) {
-        const uint4* src = reinterpret_cast<const uint4*>(workspace_of(p, rank) + slot_offset);
+      uint64_t remaining = targets;
+      while (remaining) {
+        const int rank = __ffsll(static_cast<long long>(remaining)) - 1;
+        remaining &= remaining - 1;
+        uint4 loaded[kPass];
+        if (preload_own && first_pass && rank == p.rank) {
 #pragma unroll
-        for (int u = 0; u < kPass; ++u) {
-          if (base + u * 32 < span.end) into[u] = src[base + u * 32];
+          for (int u = 0; u < kPass; ++u) loaded[u] = own_first[u];
+        } else {
+          const uint4* src = reinterpret_cast<const uint4*>(workspace_of(p, rank) + slot_offset);
+#pragma unroll
+          for (int u = 0; u < kPass; ++u) {
+            if (base + u * 32 < span.end) loaded[u] = src[base + u * 32];
+          }
         }
-      };
-      auto add = [&](const uint4 (&loaded)[kPass]) {
 #pragma unroll
         for (int u = 0; u < kPass; ++u) {
           if (base + u * 32 < span.end) Pack<T>::add(loaded[u], acc[u]);
         }
-      };
-      // Two targets in flight: the next target's vectors are requested before the
-      // current ones are added, so a token with n target ranks waits about n/2
-      // load latencies, not n (8 in a row at 8 ranks was most of combine's time).
-      // Ranks are still added in ascending order: results are unchanged. Buffers
-      // a and b alternate (as many registers as one buffer plus the preload of
-      // our own partial took before, which now seeds a when we are the first target).
-      uint64_t remaining = targets;
-      int rank_a = pop_lowest_rank(remaining);
-      uint4 a[kPass];
-      uint4 b[kPass];
-      if (rank_a >= 0) {
-        if (preload_own && first_pass && rank_a == p.rank) {
-#pragma unroll
-          for (int u = 0; u < kPass; ++u) a[u] = own_first[u];
-        } else {
-          load_from(rank_a, a);
-        }
-      }
-      while (rank_a >= 0) {  // warp-uniform: targets is the warp's OR
-        const int rank_b = pop_lowest_rank(remaining);
-        if (rank_b >= 0) load_from(rank_b, b);
-        add(a);
-        if (rank_b < 0) break;
-        rank_a = pop_lowest_rank(remaining);
-        if (rank_a >= 0) load_from(rank_a, a);
-        add(b);
       }
 #pragma unroll
       for (int u = 0; u < kPass; ++u) {
