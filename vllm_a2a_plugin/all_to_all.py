@@ -328,6 +328,10 @@ class OneSidedAllToAll:
     def _make_launch_plan(self, peer_ptrs, config) -> None:
         self._free_launch_plan()
         spec = self.spec
+        if len(peer_ptrs) != spec.ep_size:
+            raise A2AStateError(
+                f"the workspace has {len(peer_ptrs)} peer addresses for ep_size {spec.ep_size}: "
+                "it was released (Workspace.release()); make a new workspace and all-to-all")
         self._plan = int(torch.ops.a2a_one_sided.make_launch_plan(
             self._buffer, peer_ptrs, self.rank, self._expert_owner, self._pad_ids,
             self._error_record_ptr, spec.max_tokens_per_rank, spec.top_k,
