@@ -55,7 +55,7 @@ def extensions():
     import torch  # noqa: F401
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    from vllm_a2a_plugin.ops import extension_name, kernel_build_decision, nvcc_flags
+    from vllm_a2a_plugin.ops import LINK_FLAGS, extension_name, kernel_build_decision, nvcc_flags
 
     include = [str(ROOT / "csrc")]
     decision = kernel_build_decision()
@@ -68,6 +68,7 @@ def extensions():
             include_dirs=include,
             extra_compile_args={"cxx": ["-O2", "-DA2A_WITH_CUDA"],
                                 "nvcc": nvcc_flags()},
+            extra_link_args=LINK_FLAGS,
         )
     else:
         ext = CppExtension(
@@ -75,6 +76,7 @@ def extensions():
             sources=["csrc/bindings.cpp"],
             include_dirs=include,
             extra_compile_args=["-O2"],
+            extra_link_args=LINK_FLAGS,
         )
     return [ext], {"build_ext": BuildExtension}
 

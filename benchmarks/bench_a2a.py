@@ -66,7 +66,8 @@ def parse_args(argv=None):
                    help="tokens per rank, comma separated")
     p.add_argument("--shapes", default=",".join(SHAPES), help=f"any of {list(SHAPES)}")
     p.add_argument("--dtypes", default="bf16,fp8", help="dispatch dtypes: bf16, fp8 (1x128 scales)")
-    p.add_argument("--routing", default="uniform,skewed")
+    p.add_argument("--routing", default="uniform,skewed",
+                   help="comma list of uniform, skewed, local (ids of the rank's own experts only)")
     p.add_argument("--ep-size", type=int, default=8,
                    help="logical ranks on one GPU (single-process mode)")
     p.add_argument("--impls", default="a2a_one_sided,nccl_a2a,agrs,flashinfer_one_sided",
@@ -226,24 +227,28 @@ def graph_round_trip(dispatch, combine, device, args, nbytes: int, *, before=Non
 
 
 def empty_structure_graph(ep_size: int, device) -> torch.cuda.CUDAGraph:
-    """The launch structure of our round trip with empty kernels: per rank two
-    kernels (dispatch, combine) on the rank's own stream (forked from and joined
-    to the capture stream when ``ep_size`` > 1, as LocalRanks' concurrent mode
-    does). Its replay time is the floor no kernel work can go below: launch and
-    graph overhead alone. The kernel is torch's ``spin_kernel`` with 0 cycles."""
+    """The launch structure of our round trip with empty kernels: dispatch, then
+    combine, one kernel per rank each. With ``ep_size`` > 1 each op is one wave as
+    LocalRanks' concurrent mode launches it: every rank's kernel on the rank's own
+    stream, forked from the capture stream and joined back to it, so the round
+    trip has two fork/join waves (the experts run between them). Its replay time
+    is the floor no kernel work can go below: launch and graph overhead alone.
+    The kernel is torch's ``spin_kernel`` with 0 cycles.
+
+    (Before 2026-11-25 session 5 the graph had one wave with both kernels on each
+    rank's stream: one fork/join fewer than the round trip it stood beside.)"""
     graph = torch.cuda.CUDAGraph()
     capture = torch.cuda.Stream(device)
     streams = [torch.cuda.Stream(device) for _ in range(ep_size)] if ep_size > 1 else []
     capture.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(capture), torch.cuda.graph(graph, stream=capture):
-        if not streams:
-            torch.cuda._sleep(0)
-            torch.cuda._sleep(0)
-        else:
+        for _op in ("dispatch", "combine"):
+            if not streams:
+                torch.cuda._sleep(0)
+                continue
             for stream in streams:
                 stream.wait_stream(capture)
                 with torch.cuda.stream(stream):
-                    torch.cuda._sleep(0)
                     torch.cuda._sleep(0)
             for stream in streams:
                 capture.wait_stream(stream)
@@ -383,12 +388,12 @@ def convention_bytes(topk_ids: list[torch.Tensor], *, num_experts: int, ep_size:
 def make_inputs(gen, shape, tokens, dtype, kind, ranks, device):
     """Random per-rank inputs, generated on the GPU (``gen`` is a CUDA generator)."""
     xs, scales, ids, weights = [], [], [], []
-    for _ in range(ranks):
+    for rank in range(ranks):
         x = torch.randn((tokens, shape.hidden), generator=gen, device=device)
         xs.append(x.to(dtype))
         scales.append(torch.rand((tokens, shape.hidden // 128), generator=gen, device=device)
                       if dtype == torch.float8_e4m3fn else None)
-        ids.append(routing(gen, tokens, shape, kind))
+        ids.append(routing(gen, tokens, shape, kind, rank=rank, ep_size=ranks))
         weights.append(torch.rand((tokens, shape.top_k), generator=gen, device=device))
     return xs, scales, ids, weights
 

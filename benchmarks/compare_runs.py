@@ -130,7 +130,8 @@ LATENCY_TARGETS = {
 
 
 def plot_latency(pairs: list[tuple[Path, Path]], out: Path, shape: str = "deepseek_v3",
-                 dtype: str = "fp8", routing: str = "uniform") -> None:
+                 dtype: str = "fp8", routing: str = "uniform", title: str = "before vs after"
+                 ) -> None:
     """Rows: rank counts; columns: LATENCY_PANELS. Pair 1 thick, later pairs thin."""
     import matplotlib
 
@@ -183,8 +184,9 @@ def plot_latency(pairs: list[tuple[Path, Path]], out: Path, shape: str = "deepse
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
     fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=len(handles), fontsize=8)
-    fig.suptitle(f"{shape} {dtype} {routing}: before vs after (tuning pass 2); "
-                 "thin lines: second pair of the same session", fontsize=11)
+    fig.suptitle(f"{shape} {dtype} {routing}: {title}"
+                 + ("; thin lines: second pair of the same session" if len(pairs) > 1 else ""),
+                 fontsize=11)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(out, dpi=90)
     plt.close(fig)
@@ -205,6 +207,7 @@ def main(argv=None) -> int:
     p.add_argument("--png-metric", default="graph")
     p.add_argument("--latency-png", type=Path, default=None,
                    help="decode-latency panels (kernel, graph events, graph queued; targets, floors)")
+    p.add_argument("--title", default="before vs after", help="--latency-png's title")
     p.add_argument("--extra-pair", nargs=2, type=Path, action="append", default=[],
                    metavar=("BEFORE", "AFTER"), help="further before/after pair for --latency-png")
     args = p.parse_args(argv)
@@ -234,7 +237,7 @@ def main(argv=None) -> int:
              args.png, f"{args.png_metric} (us)")
     if args.latency_png:
         plot_latency([(args.before, args.after), *[tuple(p) for p in args.extra_pair]],
-                     args.latency_png)
+                     args.latency_png, title=args.title)
     return 0 if ok else 1
 
 

@@ -10,7 +10,9 @@ Beside the round trip it times, the same way, what bounds it from below:
 * ``dispatch_us`` / ``combine_us``: each call of the round trip on its own;
 * ``raw_ops_us_per_round_trip``: the two ``torch.ops`` calls alone with their
   arguments built once (op dispatch, argument checks in C++, two launches):
-  what is left with no Python of ours at all;
+  what is left with no Python of ours at all: the ops OneSidedAllToAll calls
+  (``raw_ops``: ``planned`` where launch plans exist, else ``general``), and both
+  kinds timed in this process (``raw_general_us``, ``raw_planned_us``);
 * ``torch_op_floor_us``: one trivial torch CUDA op (``zero_`` of 16 bytes):
   the dispatcher + launch floor any op pays.
 
@@ -102,8 +104,10 @@ def main(argv=None) -> None:
             split[op].append(spent[op] / args.iters * 1e6)
     dispatch_us, combine_us = (sorted(split[op])[2] for op in ("dispatch", "combine"))
 
-    # The two ops with every argument built once: attributes both the current and
-    # older versions of OneSidedAllToAll have (the session script times both).
+    # The two ops with every argument built once: the general ops (every version
+    # has them) and, where this tree has launch plans, the planned ops that
+    # OneSidedAllToAll calls; both in this process, so the host's speed of the
+    # moment is the same for both (it varies by 1.5x between processes on a VM).
     out = torch.empty((args.tokens, shape.hidden), dtype=spec.combine_dtype, device=device)
     tail = (a2a._max_blocks(), a2a.config.threads_per_block, a2a.config.timeout_ns)
     payloads = [x] + ([scales] if fp8 else [])
@@ -112,7 +116,7 @@ def main(argv=None) -> None:
     combine_op = torch.ops.a2a_one_sided.combine.default
     peer_ptrs = a2a.workspace.peer_ptrs
 
-    def raw_round_trips(n: int) -> None:
+    def general_round_trips(n: int) -> None:
         for _ in range(n):
             dispatch_op(a2a._buffer, peer_ptrs, 0, payloads, ids, weights, a2a._expert_owner,
                         a2a._pad_ids, a2a._error_record_ptr, args.tokens, args.tokens,
@@ -120,7 +124,20 @@ def main(argv=None) -> None:
             combine_op(a2a._buffer, peer_ptrs, 0, ids, a2a._expert_owner, out,
                        a2a._error_record_ptr, args.tokens, args.tokens, payload_rows, 3, *tail)
 
-    raw_us = median_of_5(raw_round_trips)
+    general_us = median_of_5(general_round_trips)
+    planned_us = None
+    if hasattr(a2a, "_launch_plan"):
+        plan = a2a._launch_plan()
+        dispatch_planned = torch.ops.a2a_one_sided.dispatch_planned.default
+        combine_planned = torch.ops.a2a_one_sided.combine_planned.default
+
+        def planned_round_trips(n: int) -> None:
+            for _ in range(n):
+                dispatch_planned(plan, a2a._buffer, x, scales, ids, weights, args.tokens, 3)
+                combine_planned(plan, a2a._buffer, ids, out, args.tokens, 3)
+
+        planned_us = median_of_5(planned_round_trips)
+    raw_ops, raw_us = ("planned", planned_us) if planned_us is not None else ("general", general_us)
     tiny = torch.empty(16, dtype=torch.uint8, device=device)
 
     def tiny_ops(n: int) -> None:
@@ -141,13 +158,15 @@ def main(argv=None) -> None:
     print(text.getvalue())
     print(f"host time per eager round trip (dispatch + combine), {args.shape} {args.dtype}, "
           f"{args.tokens} tokens: {enqueue_us:.1f} us (dispatch {dispatch_us:.1f}, combine "
-          f"{combine_us:.1f}); the two ops alone {raw_us:.1f} us; one trivial torch op "
+          f"{combine_us:.1f}); the two ops alone ({raw_ops}) {raw_us:.1f} us; one trivial torch op "
           f"{floor_us:.1f} us")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "shape": args.shape, "dtype": args.dtype, "tokens": args.tokens,
             "host_us_per_round_trip": round(enqueue_us, 2), "dispatch_us": round(dispatch_us, 2),
             "combine_us": round(combine_us, 2), "raw_ops_us_per_round_trip": round(raw_us, 2),
+            "raw_ops": raw_ops, "raw_general_us": round(general_us, 2),
+            "raw_planned_us": None if planned_us is None else round(planned_us, 2),
             "torch_op_floor_us": round(floor_us, 2)}))
 
 

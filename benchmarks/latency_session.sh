@@ -21,13 +21,17 @@
 #   4. tests/test_kernels_gpu.py on "after", then test_faults_gpu.py and
 #      test_ipc_one_gpu.py if time allows.
 #   5. compute-sanitizer memcheck (quick subset) and racecheck (two grids).
+#   5b. probe: "after" only, 1 token, 8 logical ranks, uniform against local routing
+#      (ids of the sender's own experts: every flag crosses, no row does) with the
+#      signal floor (our kernels with no token anywhere) and profiler traces:
+#      which of rows, flags or launch structure sets the 8-rank time.
 #   6. compare_runs.py tables + the regression check -> summary.txt, printed last.
 #
-# Files under $OUT (7): session.log, before_1.json, after_1.json, after_2.json,
-# before_2.json, host.json, summary.txt.
+# Files under $OUT: session.log, before_1.json, after_1.json, after_2.json,
+# before_2.json, host.json, probe_after.json, traces/, summary.txt.
 #
 # A2A_SESSION_STEPS picks steps (comma list; default all, in this order):
-#   bench1, host, tests, memcheck, racecheck, bench2, host2, faults, ipc.
+#   bench1, host, tests, memcheck, racecheck, probe, bench2, host2, faults, ipc.
 # A second call can finish what the deadline skipped, e.g.
 #   A2A_SESSION_STEPS=bench2,host2,racecheck,faults,ipc bash benchmarks/latency_session.sh
 #
@@ -47,7 +51,7 @@ SUMMARY="$OUT/summary.txt"
 PY=${PYTHON:-python3}
 BEFORE_REF=${A2A_BEFORE_REF:-371729f}
 DTYPES=${A2A_SESSION_DTYPES:-fp8}
-STEPS=",${A2A_SESSION_STEPS:-bench1,host,tests,memcheck,racecheck,bench2,host2,faults,ipc},"
+STEPS=",${A2A_SESSION_STEPS:-bench1,host,tests,memcheck,racecheck,probe,bench2,host2,faults,ipc},"
 want() { [[ "$STEPS" == *",$1,"* ]]; }
 START=$(date +%s)
 DEADLINE=$((START + ${A2A_SESSION_BUDGET_S:-530}))
@@ -199,6 +203,15 @@ elif ((AFTER_OK)) && [ -z "$SAN" ]; then
   note "SKIPPED sanitizer: compute-sanitizer not found"
 fi
 
+# ---------------------------------------------------------------- 5b. probe
+if ((AFTER_OK)) && want probe; then
+  A2A_COMMIT="$AFTER_COMMIT" run_step "probe (uniform vs local routing, signal floor)" 40 120 "$ROOT" \
+    "$PY" benchmarks/bench_a2a.py --shapes deepseek_v3 --dtypes "$DTYPES" --routing uniform,local \
+    --tokens 1 --ep-size 8 --impls a2a_one_sided --modes graph,kernel --iters 30 --warmup 5 \
+    --signal-floor --trace-dir "$OUT/traces" --out "$OUT/probe_after.json"
+  note "probe: $OUT/probe_after.json"
+fi
+
 # ---------------------------------------------------------------- 2b/4b. drift pair, more tests
 if want bench2; then bench after 2; bench before 2; fi
 if want host2; then host after _2; fi
@@ -222,7 +235,8 @@ out.write_text(json.dumps(doc, indent=1))
 print("## host time, eager, one rank, 1 token, fp8 (us per round trip)")
 for side, d in doc.items():
     print(f"{side:>6}: round trip {d['host_us_per_round_trip']}, dispatch {d['dispatch_us']}, "
-          f"combine {d['combine_us']}, the two ops alone {d['raw_ops_us_per_round_trip']}, "
+          f"combine {d['combine_us']}, the two ops alone ({d.get('raw_ops', 'general')}) "
+          f"{d['raw_ops_us_per_round_trip']}, "
           f"one trivial torch op {d['torch_op_floor_us']}")
 EOF
 for run in 1 2; do
@@ -233,6 +247,19 @@ for run in 1 2; do
       --tokens 1,128,1024,4096) >> "$SUMMARY" 2>&1
   fi
 done
+if [ -f "$OUT/probe_after.json" ]; then
+  "$PY" - "$OUT/probe_after.json" <<'EOF' >> "$SUMMARY" 2>&1
+import json, sys
+rows = json.load(open(sys.argv[1]))["rows"]
+print("\n## probe (after): 1 token, uniform vs local routing (us; kernel = profiler, per rank)")
+for r in rows:
+    if r["impl"] != "a2a_one_sided":
+        continue
+    extra = {k: r[k] for k in ("queued_median_us", "floor_queued_us", "signal_floor_queued_us",
+                               "start_skew_us", "bytes") if k in r}
+    print(f"ep{r['ep_size']} {r['routing']:>7} {r['op']:>10} {r['mode']:>6}: median {r['median_us']} {extra}")
+EOF
+fi
 say "session done in $(($(date +%s) - START))s"
 echo "================ summary ================"
 cat "$SUMMARY"

@@ -24,13 +24,27 @@ SHAPES = {
 DEFAULT_TOKENS = (1, 8, 32, 128, 256, 512, 1024, 2048, 4096)
 
 
-def routing(gen: torch.Generator, num_tokens: int, shape: MoEShape, kind: str) -> torch.Tensor:
-    """``[T, K]`` int32 distinct expert ids; ``skewed`` sends most picks to 4 hot experts."""
+def routing(gen: torch.Generator, num_tokens: int, shape: MoEShape, kind: str, *,
+            rank: int = 0, ep_size: int = 1) -> torch.Tensor:
+    """``[T, K]`` int32 distinct expert ids of rank ``rank`` of ``ep_size``.
+
+    ``uniform``: any expert. ``skewed``: most picks go to 4 hot experts. ``local``:
+    only the experts ``rank`` owns (contiguous blocks of ``E / ep_size``), so no row
+    leaves the rank while every flag still crosses: it separates the cost of the
+    remote rows from that of the signalling.
+    """
     scores = torch.rand((num_tokens, shape.num_experts), generator=gen, device=gen.device)
     if kind == "skewed":
         scores[:, : min(4, shape.num_experts)] += 2.0
+    elif kind == "local":
+        per_rank = shape.num_experts // ep_size
+        if per_rank < shape.top_k:
+            raise ValueError(f"local routing needs >= top_k ({shape.top_k}) experts per rank, "
+                             f"{shape.name} has {per_rank} at {ep_size} ranks")
+        scores[:, : rank * per_rank] -= 2.0
+        scores[:, (rank + 1) * per_rank:] -= 2.0
     elif kind != "uniform":
-        raise ValueError(f"routing must be uniform or skewed, got {kind!r}")
+        raise ValueError(f"routing must be uniform, skewed or local, got {kind!r}")
     return scores.topk(shape.top_k, dim=1).indices.to(torch.int32)
 
 

@@ -9,6 +9,9 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <memory>
+#include <mutex>
+#include <unordered_map>
 #include <vector>
 
 #include "launch.h"
@@ -93,11 +96,12 @@ void check_cuda_tensor(const at::Tensor& t, const char* name, const at::Device& 
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
-CommonParams make_common(const at::Tensor& workspace, c10::IntArrayRef peer_ptrs, int64_t rank,
-                         const at::Tensor& topk_ids, const at::Tensor& expert_owner,
-                         int64_t error_record_ptr, const WorkspaceSpec& spec,
-                         int64_t runtime_max_tokens, int64_t phases, int64_t max_blocks,
-                         int64_t threads_per_block, int64_t timeout_ns) {
+// What stays fixed between calls of one rank's all-to-all: checked once per
+// launch plan (and on every call of the unplanned ops).
+CommonParams make_static_common(const at::Tensor& workspace, c10::IntArrayRef peer_ptrs,
+                                int64_t rank, const at::Tensor& expert_owner,
+                                int64_t error_record_ptr, const WorkspaceSpec& spec,
+                                int64_t max_blocks, int64_t threads_per_block, int64_t timeout_ns) {
   const at::Device device = workspace.device();
   TORCH_CHECK(workspace.is_cuda() && workspace.scalar_type() == at::kByte && workspace.dim() == 1,
               "workspace must be a 1-D uint8 CUDA tensor");
@@ -109,44 +113,99 @@ CommonParams make_common(const at::Tensor& workspace, c10::IntArrayRef peer_ptrs
   TORCH_CHECK(rank >= 0 && rank < spec.ep_size, "rank (", rank, ") must be in [0, ", spec.ep_size, ")");
   TORCH_CHECK(peer_ptrs[rank] == reinterpret_cast<int64_t>(workspace.data_ptr()),
               "peer_ptrs[rank] must be this rank's workspace");
-  check_cuda_tensor(topk_ids, "topk_ids", device);
-  TORCH_CHECK(topk_ids.scalar_type() == at::kInt && topk_ids.dim() == 2 &&
-                  topk_ids.size(1) == spec.top_k,
-              "topk_ids must be int32 [num_tokens, ", spec.top_k, "], got ", topk_ids.scalar_type(),
-              " ", topk_ids.sizes());
   check_cuda_tensor(expert_owner, "expert_owner", device);
   TORCH_CHECK(expert_owner.scalar_type() == at::kInt && expert_owner.dim() == 1 &&
                   expert_owner.numel() >= 1 && expert_owner.numel() <= kMaxExperts,
               "expert_owner must be int32 [num_experts] with num_experts in [1, ", kMaxExperts, "]");
   TORCH_CHECK(error_record_ptr != 0, "error_record_ptr must be a device address from "
               "error_record_device_address()");
-  const int64_t num_tokens = topk_ids.size(0);
-  TORCH_CHECK(runtime_max_tokens >= num_tokens && runtime_max_tokens <= spec.max_tokens_per_rank,
-              "runtime_max_tokens (", runtime_max_tokens, ") must be >= num_tokens (", num_tokens,
-              ") and <= the workspace's max_tokens_per_rank (", spec.max_tokens_per_rank, ")");
-  TORCH_CHECK(phases >= 1 && phases <= 3, "phases must be 1, 2 or 3");
   TORCH_CHECK(threads_per_block >= 32 && threads_per_block <= 1024 && threads_per_block % 32 == 0,
               "threads_per_block (", threads_per_block, ") must be a multiple of 32 in [32, 1024]");
   TORCH_CHECK(timeout_ns > 0, "timeout_ns must be positive");
+  TORCH_CHECK(max_blocks >= 1, "max_blocks (", max_blocks, ") must be >= 1");
 
   CommonParams p{};
   p.rank = static_cast<int>(rank);
   p.ep_size = spec.ep_size;
   p.top_k = spec.top_k;
   p.num_experts = static_cast<int>(expert_owner.numel());
-  p.num_local_tokens = static_cast<int>(num_tokens);
-  p.runtime_max_tokens = static_cast<int>(runtime_max_tokens);
   for (int r = 0; r < spec.ep_size; ++r) p.peer_workspaces[r] = static_cast<uint64_t>(peer_ptrs[r]);
   p.layout = layout;
-  p.topk_ids = topk_ids.data_ptr<int32_t>();
   p.expert_owner = expert_owner.data_ptr<int32_t>();
   p.error_record = reinterpret_cast<int32_t*>(error_record_ptr);
   p.timeout_ns = static_cast<uint64_t>(timeout_ns);
-  p.phases = static_cast<int>(phases);
-  TORCH_CHECK(max_blocks >= 1, "max_blocks (", max_blocks, ") must be >= 1");
   p.max_blocks = static_cast<int>(max_blocks);
   p.threads_per_block = static_cast<int>(threads_per_block);
   return p;
+}
+
+// What changes on every call: this step's tokens, their ids, the phases.
+void set_call(CommonParams& p, const at::Tensor& topk_ids, const at::Device& device,
+              const WorkspaceSpec& spec, int64_t runtime_max_tokens, int64_t phases) {
+  check_cuda_tensor(topk_ids, "topk_ids", device);
+  TORCH_CHECK(topk_ids.scalar_type() == at::kInt && topk_ids.dim() == 2 &&
+                  topk_ids.size(1) == spec.top_k,
+              "topk_ids must be int32 [num_tokens, ", spec.top_k, "], got ", topk_ids.scalar_type(),
+              " ", topk_ids.sizes());
+  const int64_t num_tokens = topk_ids.size(0);
+  TORCH_CHECK(runtime_max_tokens >= num_tokens && runtime_max_tokens <= spec.max_tokens_per_rank,
+              "runtime_max_tokens (", runtime_max_tokens, ") must be >= num_tokens (", num_tokens,
+              ") and <= the workspace's max_tokens_per_rank (", spec.max_tokens_per_rank, ")");
+  TORCH_CHECK(phases >= 1 && phases <= 3, "phases must be 1, 2 or 3");
+  p.num_local_tokens = static_cast<int>(num_tokens);
+  p.runtime_max_tokens = static_cast<int>(runtime_max_tokens);
+  p.topk_ids = topk_ids.data_ptr<int32_t>();
+  p.phases = static_cast<int>(phases);
+}
+
+// Payload rows, router weights and padding ids of one dispatch. `expected_row_bytes`
+// (a launch plan's spec) pins each payload's row size; the unplanned op derives
+// the spec from the payloads instead.
+void set_dispatch_inputs(DispatchParams& dp, at::TensorList payloads,
+                         const std::optional<at::Tensor>& topk_weights, const at::Tensor& topk_ids,
+                         const at::Tensor& pad_ids, const at::Device& device,
+                         const WorkspaceSpec* expected) {
+  check_cuda_tensor(pad_ids, "pad_ids", device);
+  TORCH_CHECK(pad_ids.scalar_type() == at::kInt && pad_ids.numel() == dp.common.ep_size,
+              "pad_ids must be int32 [ep_size]");
+  dp.pad_ids = pad_ids.data_ptr<int32_t>();
+  if (topk_weights.has_value()) {
+    check_cuda_tensor(*topk_weights, "topk_weights", device);
+    TORCH_CHECK(topk_weights->scalar_type() == at::kFloat && topk_weights->sizes() == topk_ids.sizes(),
+                "topk_weights must be float32 with the shape of topk_ids");
+    dp.topk_weights = topk_weights->data_ptr<float>();
+  }
+  if (expected != nullptr) {
+    TORCH_CHECK(static_cast<int64_t>(payloads.size()) == expected->num_payloads, "this plan sends ",
+                expected->num_payloads, " payloads, got ", payloads.size());
+  }
+  dp.num_payloads = static_cast<int>(payloads.size());
+  for (size_t i = 0; i < payloads.size(); ++i) {
+    check_cuda_tensor(payloads[i], "payload", device);
+    TORCH_CHECK(payloads[i].dim() >= 1 && payloads[i].size(0) == topk_ids.size(0), "payload ", i,
+                " has ", payloads[i].size(0), " rows but topk_ids has ", topk_ids.size(0));
+    const int64_t row = row_bytes_of(payloads[i]);
+    TORCH_CHECK(expected == nullptr || row == expected->payload_row_bytes[i], "payload ", i,
+                " rows have ", row, " bytes, this plan's ", expected == nullptr ? 0 : expected->payload_row_bytes[i]);
+    dp.payloads[i] = payloads[i].data_ptr();
+    dp.payload_row_bytes[i] = row;
+  }
+}
+
+// Combine's destination: [num_tokens, hidden] of a float type, 16-byte aligned.
+void set_combine_output(CombineParams& cp, at::Tensor& out, const at::Tensor& topk_ids,
+                        const at::Device& device) {
+  check_cuda_tensor(out, "out", device);
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == topk_ids.size(0), "out must be [num_tokens, hidden]");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0, "out must be 16-byte aligned");
+  switch (out.scalar_type()) {
+    case at::kFloat: cp.dtype = CombineDtype::kFloat32; break;
+    case at::kHalf: cp.dtype = CombineDtype::kFloat16; break;
+    case at::kBFloat16: cp.dtype = CombineDtype::kBFloat16; break;
+    default: TORCH_CHECK(false, "combine supports float32, float16 and bfloat16, got ", out.scalar_type());
+  }
+  cp.hidden_size = static_cast<int>(out.size(1));
+  cp.output = out.data_ptr();
 }
 
 void dispatch(at::Tensor& workspace, c10::IntArrayRef peer_ptrs, int64_t rank,
@@ -162,26 +221,10 @@ void dispatch(at::Tensor& workspace, c10::IntArrayRef peer_ptrs, int64_t rank,
                                        topk_ids.dim() == 2 ? topk_ids.size(1) : 0, row_bytes,
                                        combine_row_bytes);
   DispatchParams dp{};
-  dp.common = make_common(workspace, peer_ptrs, rank, topk_ids, expert_owner, error_record_ptr, spec,
-                          runtime_max_tokens, phases, max_blocks, threads_per_block, timeout_ns);
-  check_cuda_tensor(pad_ids, "pad_ids", workspace.device());
-  TORCH_CHECK(pad_ids.scalar_type() == at::kInt && pad_ids.numel() == spec.ep_size,
-              "pad_ids must be int32 [ep_size]");
-  dp.pad_ids = pad_ids.data_ptr<int32_t>();
-  if (topk_weights.has_value()) {
-    check_cuda_tensor(*topk_weights, "topk_weights", workspace.device());
-    TORCH_CHECK(topk_weights->scalar_type() == at::kFloat && topk_weights->sizes() == topk_ids.sizes(),
-                "topk_weights must be float32 with the shape of topk_ids");
-    dp.topk_weights = topk_weights->data_ptr<float>();
-  }
-  dp.num_payloads = static_cast<int>(payloads.size());
-  for (size_t i = 0; i < payloads.size(); ++i) {
-    check_cuda_tensor(payloads[i], "payload", workspace.device());
-    TORCH_CHECK(payloads[i].dim() >= 1 && payloads[i].size(0) == topk_ids.size(0), "payload ", i,
-                " has ", payloads[i].size(0), " rows but topk_ids has ", topk_ids.size(0));
-    dp.payloads[i] = payloads[i].data_ptr();
-    dp.payload_row_bytes[i] = row_bytes[i];
-  }
+  dp.common = make_static_common(workspace, peer_ptrs, rank, expert_owner, error_record_ptr, spec,
+                                 max_blocks, threads_per_block, timeout_ns);
+  set_call(dp.common, topk_ids, workspace.device(), spec, runtime_max_tokens, phases);
+  set_dispatch_inputs(dp, payloads, topk_weights, topk_ids, pad_ids, workspace.device(), nullptr);
   const int err = launch_dispatch(dp, at::cuda::getCurrentCUDAStream(workspace.device().index()));
   C10_CUDA_CHECK(static_cast<cudaError_t>(err));
 }
@@ -192,24 +235,115 @@ void combine(at::Tensor& workspace, c10::IntArrayRef peer_ptrs, int64_t rank,
              c10::IntArrayRef payload_row_bytes, int64_t phases, int64_t max_blocks,
              int64_t threads_per_block, int64_t timeout_ns) {
   const c10::cuda::CUDAGuard guard(workspace.device());
-  check_cuda_tensor(out, "out", workspace.device());
-  TORCH_CHECK(out.dim() == 2 && out.size(0) == topk_ids.size(0), "out must be [num_tokens, hidden]");
-  const int64_t combine_row_bytes = out.size(1) * out.element_size();
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0, "out must be 16-byte aligned");
+  TORCH_CHECK(out.dim() == 2, "out must be [num_tokens, hidden]");
   const WorkspaceSpec spec =
       make_spec(static_cast<int64_t>(peer_ptrs.size()), max_tokens_per_rank,
-                topk_ids.dim() == 2 ? topk_ids.size(1) : 0, payload_row_bytes, combine_row_bytes);
+                topk_ids.dim() == 2 ? topk_ids.size(1) : 0, payload_row_bytes,
+                out.size(1) * out.element_size());
   CombineParams cp{};
-  cp.common = make_common(workspace, peer_ptrs, rank, topk_ids, expert_owner, error_record_ptr, spec,
-                          runtime_max_tokens, phases, max_blocks, threads_per_block, timeout_ns);
-  switch (out.scalar_type()) {
-    case at::kFloat: cp.dtype = CombineDtype::kFloat32; break;
-    case at::kHalf: cp.dtype = CombineDtype::kFloat16; break;
-    case at::kBFloat16: cp.dtype = CombineDtype::kBFloat16; break;
-    default: TORCH_CHECK(false, "combine supports float32, float16 and bfloat16, got ", out.scalar_type());
+  cp.common = make_static_common(workspace, peer_ptrs, rank, expert_owner, error_record_ptr, spec,
+                                 max_blocks, threads_per_block, timeout_ns);
+  set_call(cp.common, topk_ids, workspace.device(), spec, runtime_max_tokens, phases);
+  set_combine_output(cp, out, topk_ids, workspace.device());
+  const int err = launch_combine(cp, at::cuda::getCurrentCUDAStream(workspace.device().index()));
+  C10_CUDA_CHECK(static_cast<cudaError_t>(err));
+}
+
+// ------------------------------------------------------------------ launch plans
+// A launch plan holds one rank's fixed arguments, checked once, under an integer
+// handle: the planned ops then take only what changes per call. Issue 15: each
+// argument costs the Python -> dispatcher boxing ~0.3-0.5 us (16 arguments with
+// two int lists and a tensor list: ~8 us per call on a CPU host), which made the
+// two op calls most of an eager round trip's host time.
+struct LaunchPlan {
+  WorkspaceSpec spec;
+  CommonParams common;  // static fields only; set_call fills the rest per call
+  void* workspace_data;
+  at::Tensor expert_owner;  // the tables the kernels read, kept alive with the plan
+  at::Tensor pad_ids;
+};
+
+struct PlanRegistry {
+  std::mutex mutex;
+  std::unordered_map<int64_t, std::shared_ptr<const LaunchPlan>> plans;
+  int64_t next_id = 1;
+};
+
+PlanRegistry& plan_registry() {
+  static PlanRegistry registry;
+  return registry;
+}
+
+int64_t make_launch_plan(const at::Tensor& workspace, c10::IntArrayRef peer_ptrs, int64_t rank,
+                         const at::Tensor& expert_owner, const at::Tensor& pad_ids,
+                         int64_t error_record_ptr, int64_t max_tokens_per_rank, int64_t top_k,
+                         c10::IntArrayRef payload_row_bytes, int64_t combine_row_bytes,
+                         int64_t max_blocks, int64_t threads_per_block, int64_t timeout_ns) {
+  auto plan = std::make_shared<LaunchPlan>();
+  plan->spec = make_spec(static_cast<int64_t>(peer_ptrs.size()), max_tokens_per_rank, top_k,
+                         payload_row_bytes, combine_row_bytes);
+  plan->common = make_static_common(workspace, peer_ptrs, rank, expert_owner, error_record_ptr,
+                                    plan->spec, max_blocks, threads_per_block, timeout_ns);
+  check_cuda_tensor(pad_ids, "pad_ids", workspace.device());
+  TORCH_CHECK(pad_ids.scalar_type() == at::kInt && pad_ids.numel() == plan->spec.ep_size,
+              "pad_ids must be int32 [ep_size]");
+  plan->workspace_data = workspace.data_ptr();
+  plan->expert_owner = expert_owner;
+  plan->pad_ids = pad_ids;
+  PlanRegistry& registry = plan_registry();
+  const std::lock_guard<std::mutex> lock(registry.mutex);
+  const int64_t id = registry.next_id++;
+  registry.plans.emplace(id, std::move(plan));
+  return id;
+}
+
+void free_launch_plan(int64_t id) {
+  PlanRegistry& registry = plan_registry();
+  const std::lock_guard<std::mutex> lock(registry.mutex);
+  registry.plans.erase(id);
+}
+
+std::shared_ptr<const LaunchPlan> find_plan(int64_t id, const at::Tensor& workspace) {
+  std::shared_ptr<const LaunchPlan> plan;
+  {
+    PlanRegistry& registry = plan_registry();
+    const std::lock_guard<std::mutex> lock(registry.mutex);
+    const auto it = registry.plans.find(id);
+    TORCH_CHECK(it != registry.plans.end(), "launch plan ", id, " does not exist (freed, or "
+                "never made by make_launch_plan)");
+    plan = it->second;
   }
-  cp.hidden_size = static_cast<int>(out.size(1));
-  cp.output = out.data_ptr();
+  TORCH_CHECK(workspace.is_cuda() && workspace.data_ptr() == plan->workspace_data,
+              "workspace is not the one launch plan ", id, " was made for");
+  return plan;
+}
+
+void dispatch_planned(int64_t plan_id, at::Tensor& workspace, const at::Tensor& x,
+                      const std::optional<at::Tensor>& x_scales, const at::Tensor& topk_ids,
+                      const std::optional<at::Tensor>& topk_weights, int64_t runtime_max_tokens,
+                      int64_t phases) {
+  const c10::cuda::CUDAGuard guard(workspace.device());
+  const std::shared_ptr<const LaunchPlan> plan = find_plan(plan_id, workspace);
+  DispatchParams dp{};
+  dp.common = plan->common;
+  set_call(dp.common, topk_ids, workspace.device(), plan->spec, runtime_max_tokens, phases);
+  const at::Tensor payloads[2] = {x, x_scales.has_value() ? *x_scales : at::Tensor()};
+  set_dispatch_inputs(dp, at::TensorList(payloads, x_scales.has_value() ? 2 : 1), topk_weights,
+                      topk_ids, plan->pad_ids, workspace.device(), &plan->spec);
+  const int err = launch_dispatch(dp, at::cuda::getCurrentCUDAStream(workspace.device().index()));
+  C10_CUDA_CHECK(static_cast<cudaError_t>(err));
+}
+
+void combine_planned(int64_t plan_id, at::Tensor& workspace, const at::Tensor& topk_ids,
+                     at::Tensor& out, int64_t runtime_max_tokens, int64_t phases) {
+  const c10::cuda::CUDAGuard guard(workspace.device());
+  const std::shared_ptr<const LaunchPlan> plan = find_plan(plan_id, workspace);
+  CombineParams cp{};
+  cp.common = plan->common;
+  set_call(cp.common, topk_ids, workspace.device(), plan->spec, runtime_max_tokens, phases);
+  set_combine_output(cp, out, topk_ids, workspace.device());
+  TORCH_CHECK(out.size(1) * out.element_size() == plan->spec.combine_row_bytes, "out rows have ",
+              out.size(1) * out.element_size(), " bytes, this plan's ", plan->spec.combine_row_bytes);
   const int err = launch_combine(cp, at::cuda::getCurrentCUDAStream(workspace.device().index()));
   C10_CUDA_CHECK(static_cast<cudaError_t>(err));
 }
@@ -267,7 +401,18 @@ TORCH_LIBRARY(a2a_one_sided, m) {
         "Tensor expert_owner, Tensor(b!) out, int error_record_ptr, int max_tokens_per_rank, "
         "int runtime_max_tokens, int[] payload_row_bytes, int phases, int max_blocks, "
         "int threads_per_block, int timeout_ns) -> ()");
+  // The same two launches with a launch plan's fixed arguments (make_launch_plan).
+  m.def("dispatch_planned(int plan, Tensor(a!) workspace, Tensor x, Tensor? x_scales, "
+        "Tensor topk_ids, Tensor? topk_weights, int runtime_max_tokens, int phases) -> ()");
+  m.def("combine_planned(int plan, Tensor(a!) workspace, Tensor topk_ids, Tensor(b!) out, "
+        "int runtime_max_tokens, int phases) -> ()");
 #ifdef A2A_WITH_CUDA
+  m.def("make_launch_plan(Tensor workspace, int[] peer_ptrs, int rank, Tensor expert_owner, "
+        "Tensor pad_ids, int error_record_ptr, int max_tokens_per_rank, int top_k, "
+        "int[] payload_row_bytes, int combine_row_bytes, int max_blocks, int threads_per_block, "
+        "int timeout_ns) -> int",
+        &a2a::make_launch_plan);
+  m.def("free_launch_plan(int plan) -> ()", &a2a::free_launch_plan);
   m.def("combine_max_resident_blocks(int device, int threads_per_block) -> int",
         &a2a::combine_max_resident_blocks_op);
   m.def("error_record_device_address(Tensor record) -> int", &a2a::error_record_device_address);
@@ -279,5 +424,7 @@ TORCH_LIBRARY(a2a_one_sided, m) {
 TORCH_LIBRARY_IMPL(a2a_one_sided, CUDA, m) {
   m.impl("dispatch", &a2a::dispatch);
   m.impl("combine", &a2a::combine);
+  m.impl("dispatch_planned", &a2a::dispatch_planned);
+  m.impl("combine_planned", &a2a::combine_planned);
 }
 #endif

@@ -52,3 +52,25 @@ def test_bandwidth_conventions():
                                "trtllm_bytes": pytest.approx(300.0)}
     assert got["combine"] == {"deepep_bytes": pytest.approx(25.0),
                               "trtllm_bytes": pytest.approx(30.0)}
+
+
+@pytest.mark.parametrize("kind", ["uniform", "skewed", "local"])
+def test_routing_gives_distinct_valid_ids_and_local_stays_on_its_rank(kind):
+    from benchmarks.shapes import SHAPES, crossing_bytes, routing
+    shape = SHAPES["deepseek_v3"]
+    gen = torch.Generator().manual_seed(0)
+    ids = [routing(gen, 16, shape, kind, rank=r, ep_size=8) for r in range(8)]
+    for r, rank_ids in enumerate(ids):
+        assert rank_ids.shape == (16, shape.top_k) and rank_ids.dtype == torch.int32
+        assert all(len(set(row.tolist())) == shape.top_k for row in rank_ids)
+        assert int(rank_ids.min()) >= 0 and int(rank_ids.max()) < shape.num_experts
+        if kind == "local":
+            assert bool(((rank_ids // (shape.num_experts // 8)) == r).all())
+    crossing = crossing_bytes(ids, shape.num_experts, 8, row_bytes=100)
+    assert (crossing == 0) == (kind == "local")
+
+
+def test_local_routing_refuses_ranks_with_fewer_experts_than_top_k():
+    from benchmarks.shapes import SHAPES, routing
+    with pytest.raises(ValueError, match="local routing needs"):
+        routing(torch.Generator(), 4, SHAPES["deepseek_v3"], "local", rank=0, ep_size=64)

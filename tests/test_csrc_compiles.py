@@ -36,5 +36,8 @@ def test_bindings_build_for_cpu_torch():
     assert torch.ops.a2a_one_sided.workspace_layout.default is not None
     schema = str(torch.ops.a2a_one_sided.dispatch.default._schema)
     assert "Tensor(a!) workspace" in schema and "int error_record_ptr" in schema
+    planned = str(torch.ops.a2a_one_sided.dispatch_planned.default._schema)
+    assert "int plan, Tensor(a!) workspace" in planned
+    assert "Tensor(b!) out" in str(torch.ops.a2a_one_sided.combine_planned.default._schema)
     if torch.version.cuda is None:
         assert not torch.ops.a2a_one_sided.built_with_cuda()

@@ -363,6 +363,62 @@ def test_bad_inputs_raise_before_launch():
     assert a2a.phase == "idle"
 
 
+def test_launch_plan_checks_every_call_and_lives_as_long_as_its_all_to_all():
+    """The planned ops (issue 15: fewer arguments per call) refuse what the plan
+    was not made for, with a message, before any launch; the plan is freed with
+    its all-to-all and replaced when the workspace pointers or the config change."""
+    import gc
+    import weakref
+
+    spec = AllToAllSpec(ep_size=2, max_tokens_per_rank=8, hidden_size=128, top_k=2,
+                        num_experts=4)
+    ranks = LocalRanks(spec, config=A2AConfig(timeout_s=5.0))
+    a2a, other = ranks.ranks
+    plan = a2a._launch_plan()
+    assert plan > 0 and a2a._launch_plan() == plan  # made once, kept
+    ws = a2a._buffer
+    x = torch.randn(3, 128, device="cuda").to(torch.bfloat16)
+    ids = torch.tensor([[0, 1], [2, 3], [1, 2]], dtype=torch.int32, device="cuda")
+    out = torch.empty(3, 128, dtype=torch.bfloat16, device="cuda")
+    dispatch = torch.ops.a2a_one_sided.dispatch_planned
+    combine = torch.ops.a2a_one_sided.combine_planned
+    with pytest.raises(RuntimeError, match="is not the one launch plan"):
+        dispatch(plan, other._buffer, x, None, ids, None, 3, 3)
+    with pytest.raises(RuntimeError, match="payload 0 rows have 512 bytes, this plan's 256"):
+        dispatch(plan, ws, x.float(), None, ids, None, 3, 3)
+    with pytest.raises(RuntimeError, match="this plan sends 1 payloads, got 2"):
+        dispatch(plan, ws, x, torch.ones(3, 1, device="cuda"), ids, None, 3, 3)
+    with pytest.raises(RuntimeError, match="runtime_max_tokens .9. must be"):
+        dispatch(plan, ws, x, None, ids, None, 9, 3)
+    with pytest.raises(RuntimeError, match="topk_ids must be int32"):
+        dispatch(plan, ws, x, None, ids.long(), None, 3, 3)
+    with pytest.raises(RuntimeError, match="out rows have 512 bytes, this plan's 256"):
+        combine(plan, ws, ids, out.float(), 3, 3)
+    with pytest.raises(RuntimeError, match="does not exist"):
+        dispatch(plan + 1000, ws, x, None, ids, None, 3, 3)
+    assert a2a.phase == "idle" and a2a.completed_rounds() == (0, 0)  # nothing launched
+
+    # A new config gets a new plan, and the old one is gone.
+    a2a.config = A2AConfig(timeout_s=4.0)
+    replaced = a2a._launch_plan()
+    assert replaced != plan
+    with pytest.raises(RuntimeError, match="does not exist"):
+        dispatch(plan, ws, x, None, ids, None, 3, 3)
+    # Released workspace: the next call refuses instead of using stale pointers.
+    ranks.workspace.release()
+    with pytest.raises(A2AStateError, match=r"it was released \(Workspace.release\(\)\)"):
+        a2a.dispatch(x, ids)
+    assert a2a.phase == "idle"
+    # Collected with its all-to-all.
+    probe = weakref.ref(other)
+    other_plan = other._launch_plan()
+    del ranks, a2a, other
+    gc.collect()
+    assert probe() is None
+    with pytest.raises(RuntimeError, match="does not exist"):
+        dispatch(other_plan, ws, x, None, ids, None, 3, 3)
+
+
 def test_symmetric_memory_workspace_single_process():
     """The multi-process allocation path (torch symmetric memory) with one rank."""
     import os
@@ -441,6 +497,35 @@ def test_ops_trace_under_torch_compile():
     # Each token went to exactly one expert's rank and came back unchanged.
     torch.testing.assert_close(outs[0], x[0])
     torch.testing.assert_close(outs[1], x[1])
+
+    # The planned ops, as OneSidedAllToAll calls them, trace the same way. (The
+    # experts' copy stays outside the compiled functions: inside, a write through
+    # another view of a workspace input makes inductor copy the input, and the
+    # planned op refuses a workspace that is not its plan's.)
+    plans = [a2a._launch_plan() for a2a in ranks.ranks]
+    outs_planned = [torch.empty_like(o) for o in outs]
+
+    def planned_dispatch(ws0, ws1, x0, x1, ids0, ids1):
+        for phase in (1, 2):
+            for rank, (buf, xx, ii) in enumerate(((ws0, x0, ids0), (ws1, x1, ids1))):
+                torch.ops.a2a_one_sided.dispatch_planned(plans[rank], buf, xx, None, ii, None,
+                                                         4, phase)
+
+    def planned_combine(ws0, ws1, ids0, ids1, out0, out1):
+        for phase in (1, 2):
+            for rank, (buf, ii, oo) in enumerate(((ws0, ids0, out0), (ws1, ids1, out1))):
+                torch.ops.a2a_one_sided.combine_planned(plans[rank], buf, ii, oo, 4, phase)
+
+    torch._dynamo.reset()
+    torch.compile(planned_dispatch, backend="inductor", fullgraph=True)(*bufs, *x, *ids)
+    for rank in range(2):
+        y = ws.region(rank, ws.layout.combine, torch.bfloat16, (8, 128))
+        y.copy_(ws.region(rank, ws.layout.payloads[0], torch.bfloat16, (8, 128)))
+    torch.compile(planned_combine, backend="inductor", fullgraph=True)(*bufs, *ids,
+                                                                      *outs_planned)
+    torch.cuda.synchronize()
+    torch.testing.assert_close(outs_planned[0], x[0])
+    torch.testing.assert_close(outs_planned[1], x[1])
 
 
 @pytest.mark.parametrize("check_ids", [True, False])

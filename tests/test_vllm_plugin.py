@@ -343,3 +343,42 @@ def test_transposed_block_scales_are_refused_where_vllm_has_them():
     assert activation_scales_transposed(transposed)
     with pytest.raises(A2AInputError, match="transposed"):
         dispatch_layout(512, transposed, torch.bfloat16, False)
+
+
+def test_engine_check_queues_every_request_before_the_first_step():
+    """engine_check's one-batch generate calls vLLM's pause / enqueue / resume API
+    (fp8 per-tensor scales depend on which tokens share a step): each call binds to
+    this vLLM's ``LLM`` signatures, in this order, and DP ranks keep ``generate``."""
+    import inspect
+
+    from vllm import LLM, SamplingParams
+
+    from vllm_a2a_plugin.testing.engine_check import generate_in_one_batch
+
+    calls = []
+
+    class Recorder:
+        """Binds each call against the real ``LLM`` method before recording it."""
+
+        def __getattr__(self, name):
+            def method(*args, **kwargs):
+                inspect.signature(getattr(LLM, name)).bind(self, *args, **kwargs)
+                calls.append((name, args, kwargs))
+                return ["done"] if name in ("wait_for_completion", "generate") else None
+            return method
+
+    params = SamplingParams(temperature=0, max_tokens=2)
+    env = dict(os.environ)
+    os.environ.pop("VLLM_DP_SIZE", None)
+    try:
+        assert generate_in_one_batch(Recorder(), ["a", "b"], params) == ["done"]
+        assert [name for name, _, _ in calls] == ["sleep", "enqueue", "wake_up",
+                                                 "wait_for_completion"]
+        assert calls[0][2] == {"level": 0} and calls[2][2] == {"tags": ["scheduling"]}
+        calls.clear()
+        os.environ["VLLM_DP_SIZE"] = "2"
+        assert generate_in_one_batch(Recorder(), ["a"], params) == ["done"]
+        assert [name for name, _, _ in calls] == ["generate"]
+    finally:
+        os.environ.clear()
+        os.environ.update(env)

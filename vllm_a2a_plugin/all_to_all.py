@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -148,6 +149,16 @@ class OneSidedAllToAll:
         # constant arguments, and a cheap form of the input check.
         self._dispatch_op = torch.ops.a2a_one_sided.dispatch.default
         self._combine_op = torch.ops.a2a_one_sided.combine.default
+        # The planned ops take only what changes per call; the rest lives in a
+        # launch plan checked once in C++ (csrc/bindings.cpp, make_launch_plan).
+        # Extra payloads keep the general ops (the planned dispatch sends x and
+        # its scales only).
+        self._dispatch_planned = torch.ops.a2a_one_sided.dispatch_planned.default
+        self._combine_planned = torch.ops.a2a_one_sided.combine_planned.default
+        self._use_plan = not spec.extra_payload_row_bytes
+        self._plan = 0
+        self._plan_for: tuple[object, object] | None = None  # (peer_ptrs, config) it was made for
+        self._plan_finalizer: weakref.finalize | None = None
         self._fast_check = DispatchInputFastCheck(spec, self.device)
         self._payload_row_bytes = list(spec.payload_row_bytes)
         self._combine_row_bytes = spec.combine_row_bytes
@@ -268,11 +279,7 @@ class OneSidedAllToAll:
             check_expert_ids = self.config.check_expert_ids
         if check_expert_ids and not is_capturing():
             check_expert_ids_in_range(topk_ids, self.spec.num_experts)
-        if x_scales is None and not extra_payloads:
-            payloads = [x]
-        else:
-            payloads = [x] + ([x_scales] if x_scales is not None else []) + list(extra_payloads)
-        self._dispatch_args = (payloads, topk_ids, topk_weights)
+        self._dispatch_args = (x, x_scales, extra_payloads, topk_ids, topk_weights)
         self._runtime_max_tokens = m
         self._topk_ids = topk_ids
         self._num_tokens = num_tokens
@@ -291,7 +298,12 @@ class OneSidedAllToAll:
         return self._views(self._runtime_max_tokens)
 
     def _launch_dispatch(self, phases: int) -> None:
-        payloads, topk_ids, topk_weights = self._dispatch_args
+        x, x_scales, extra_payloads, topk_ids, topk_weights = self._dispatch_args
+        if self._use_plan:
+            self._dispatch_planned(self._launch_plan(), self._buffer, x, x_scales, topk_ids,
+                                   topk_weights, self._runtime_max_tokens, phases)
+            return
+        payloads = [x] + ([x_scales] if x_scales is not None else []) + list(extra_payloads)
         # peer_ptrs is read from the workspace on every call: Workspace.release()
         # replaces it, and the op then refuses instead of writing through stale pointers.
         self._dispatch_op(
@@ -299,6 +311,43 @@ class OneSidedAllToAll:
             topk_weights, self._expert_owner, self._pad_ids, self._error_record_ptr,
             self.spec.max_tokens_per_rank, self._runtime_max_tokens, self._combine_row_bytes,
             phases, *self._launch_settings())
+
+    def _launch_plan(self) -> int:
+        """The launch plan of the current workspace pointers and config.
+
+        Made again when either object changes: ``Workspace.release()`` replaces
+        ``peer_ptrs`` (the new plan then refuses, as the general op would, instead
+        of keeping stale pointers), and a config may be replaced.
+        """
+        peer_ptrs, config = self.workspace.peer_ptrs, self.config
+        made_for = self._plan_for
+        if made_for is None or made_for[0] is not peer_ptrs or made_for[1] is not config:
+            self._make_launch_plan(peer_ptrs, config)
+        return self._plan
+
+    def _make_launch_plan(self, peer_ptrs, config) -> None:
+        self._free_launch_plan()
+        spec = self.spec
+        if len(peer_ptrs) != spec.ep_size:
+            raise A2AStateError(
+                f"the workspace has {len(peer_ptrs)} peer addresses for ep_size {spec.ep_size}: "
+                "it was released (Workspace.release()); make a new workspace and all-to-all")
+        self._plan = int(torch.ops.a2a_one_sided.make_launch_plan(
+            self._buffer, peer_ptrs, self.rank, self._expert_owner, self._pad_ids,
+            self._error_record_ptr, spec.max_tokens_per_rank, spec.top_k,
+            self._payload_row_bytes, self._combine_row_bytes, *self._launch_settings()))
+        self._plan_for = (peer_ptrs, config)
+        # Freed with this object; at interpreter exit the process frees everything.
+        self._plan_finalizer = weakref.finalize(
+            self, torch.ops.a2a_one_sided.free_launch_plan, self._plan)
+        self._plan_finalizer.atexit = False
+
+    def _free_launch_plan(self) -> None:
+        if self._plan_finalizer is not None:
+            self._plan_finalizer()
+        self._plan_finalizer = None
+        self._plan_for = None
+        self._plan = 0
 
     def combine(self, y: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
                 phases: int = PHASE_BOTH) -> torch.Tensor:
@@ -372,6 +421,10 @@ class OneSidedAllToAll:
         return out
 
     def _launch_combine(self, phases: int) -> None:
+        if self._use_plan:
+            self._combine_planned(self._launch_plan(), self._buffer, self._topk_ids,
+                                  self._combine_dst, self._runtime_max_tokens, phases)
+            return
         self._combine_op(
             self._buffer, self.workspace.peer_ptrs, self.rank, self._topk_ids,
             self._expert_owner, self._combine_dst, self._error_record_ptr,

@@ -208,6 +208,15 @@ def nvcc_flags() -> list[str]:
     return flags
 
 
+# Link libstdc++ as a shared library. Where only its static archive is found by
+# the linker (seen on the H100 image: Ubuntu 24.04, g++ 13.3, torch 2.11), the
+# extension carried its own copy of the C++ runtime, and every C++ exception it
+# threw (every TORCH_CHECK on bad input) crashed the process with SIGSEGV
+# instead of reaching Python as a RuntimeError: torch catches with the shared
+# runtime. Naming the shared object first makes the archive unused.
+LINK_FLAGS = ["-l:libstdc++.so.6"]
+
+
 def _jit_build(with_cuda: bool) -> None:
     from torch.utils import cpp_extension
 
@@ -217,7 +226,7 @@ def _jit_build(with_cuda: bool) -> None:
     for name in _SOURCES_CUDA + _HEADERS:
         digest.update((src / name).read_bytes())
     digest.update(f"{torch.__version__}-{torch.version.cuda}-{with_cuda}".encode())
-    digest.update(" ".join(nvcc_flags()).encode())
+    digest.update(" ".join(nvcc_flags() + LINK_FLAGS).encode())
     name = f"a2a_one_sided_{digest.hexdigest()[:12]}"
     build_root = envs.extension_build_dir() or os.path.join(
         os.path.expanduser("~"), ".cache", "vllm_a2a_plugin"
@@ -231,6 +240,7 @@ def _jit_build(with_cuda: bool) -> None:
         extra_cflags=cflags,
         extra_cuda_cflags=nvcc_flags() if with_cuda else None,
         extra_include_paths=[str(src)],
+        extra_ldflags=LINK_FLAGS,
         build_directory=build_dir,
         with_cuda=with_cuda,
         is_python_module=False,
@@ -311,7 +321,7 @@ def _ops_registered() -> bool:
 def _register_fakes() -> None:
     # The ops return nothing and only mutate their marked arguments, so tracing
     # (torch.compile, meta tensors) needs no shapes from them.
-    for op in ("dispatch", "combine"):
+    for op in ("dispatch", "combine", "dispatch_planned", "combine_planned"):
         qualname = f"{OP_NAMESPACE}::{op}"
         try:
             torch.library.register_fake(qualname)(lambda *args, **kwargs: None)

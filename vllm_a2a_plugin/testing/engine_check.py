@@ -66,6 +66,27 @@ def _counts(llm) -> list[dict]:
     return llm.collective_rpc(ep_round_counts)
 
 
+def generate_in_one_batch(llm, prompts: list[str], params):
+    """``llm.generate`` with every request queued before the first step.
+
+    ``LLM.generate`` hands requests to the engine core (another process) one by
+    one, and the core steps as soon as it has one: which requests share the
+    first steps then depends on timing. With fp8's dynamic per-tensor
+    activation scales (one scale over the step's tokens) that changes the
+    numbers, so two runs of the same model could part at a near-tie (seen with
+    vLLM 0.33, eager fp8, single-rank mode against plain vLLM). vLLM's
+    documented way to queue first: pause scheduling (``sleep(level=0)``),
+    enqueue, resume. Offline DP engines keep ``generate``: their steps are
+    paced by DP waves across ranks, which a paused rank would stall.
+    """
+    if os.environ.get("VLLM_DP_SIZE"):
+        return llm.generate(prompts, params, use_tqdm=False)
+    llm.sleep(level=0)
+    llm.enqueue(prompts, params, use_tqdm=False)
+    llm.wake_up(tags=["scheduling"])
+    return llm.wait_for_completion(use_tqdm=False)
+
+
 def run(args: argparse.Namespace) -> dict:
     from vllm import LLM, SamplingParams
 
@@ -91,13 +112,13 @@ def run(args: argparse.Namespace) -> dict:
     counted = bool(args.backend)
     if counted:
         result["counts_after_start"] = _counts(llm)
-    llm.generate(prompts, SamplingParams(temperature=0, max_tokens=1))
+    generate_in_one_batch(llm, prompts, SamplingParams(temperature=0, max_tokens=1))
     if counted:
         result["counts_after_prefill"] = _counts(llm)
     params = [SamplingParams(temperature=0, max_tokens=r["max_tokens"], ignore_eos=True,
                              logprobs=TOP_LOGPROBS) for r in requests]
     started = time.perf_counter()
-    outs = llm.generate(prompts, params)
+    outs = generate_in_one_batch(llm, prompts, params)
     result["generate_s"] = round(time.perf_counter() - started, 2)
     if counted:
         result["counts_after_generate"] = _counts(llm)
