@@ -55,9 +55,13 @@ def extensions():
     import torch  # noqa: F401
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    from vllm_a2a_plugin.ops import LINK_FLAGS, extension_name, kernel_build_decision, nvcc_flags
+    from vllm_a2a_plugin.ops import (LINK_FLAGS, extension_name, kernel_build_decision,
+                                     nvcc_flags, sources_digest)
 
     include = [str(ROOT / "csrc")]
+    # Unquoted: build.ninja runs the command through a shell; bindings.cpp
+    # turns the token into its marker string.
+    digest = f"-DA2A_SOURCES_DIGEST={sources_digest()}"
     decision = kernel_build_decision()
     # pip shows this with -v; the install script prints ops.kernel_status() too.
     print(f"vllm-a2a-plugin: {decision.reason}", file=sys.stderr)
@@ -66,7 +70,7 @@ def extensions():
             f"vllm_a2a_plugin.{extension_name('cuda')}",
             sources=["csrc/bindings.cpp", "csrc/dispatch.cu", "csrc/combine.cu"],
             include_dirs=include,
-            extra_compile_args={"cxx": ["-O2", "-DA2A_WITH_CUDA"],
+            extra_compile_args={"cxx": ["-O2", "-DA2A_WITH_CUDA", digest],
                                 "nvcc": nvcc_flags()},
             extra_link_args=LINK_FLAGS,
         )
@@ -75,7 +79,7 @@ def extensions():
             f"vllm_a2a_plugin.{extension_name('cpu')}",
             sources=["csrc/bindings.cpp"],
             include_dirs=include,
-            extra_compile_args=["-O2"],
+            extra_compile_args=["-O2", digest],
             extra_link_args=LINK_FLAGS,
         )
     return [ext], {"build_ext": BuildExtension}

@@ -23,6 +23,19 @@
 #include <cuda_runtime.h>
 #endif
 
+// The digest of the sources this library was built from (setup.py passes
+// -DA2A_SOURCES_DIGEST=<hex>), as a marker string that ops.py finds in the file
+// before loading it: a library an editable install left beside sources edited
+// since is built anew instead of loaded. JIT builds need no marker (their build
+// directory is named by the digest).
+#ifndef A2A_SOURCES_DIGEST
+#define A2A_SOURCES_DIGEST unknown
+#endif
+#define A2A_STRINGIFY_INNER(x) #x
+#define A2A_STRINGIFY(x) A2A_STRINGIFY_INNER(x)
+extern "C" __attribute__((used, visibility("default"))) const char a2a_sources_digest_marker[] =
+    "A2A_SOURCES_DIGEST=" A2A_STRINGIFY(A2A_SOURCES_DIGEST) ";";
+
 namespace a2a {
 namespace {
 

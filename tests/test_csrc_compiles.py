@@ -41,3 +41,33 @@ def test_bindings_build_for_cpu_torch():
     assert "Tensor(b!) out" in str(torch.ops.a2a_one_sided.combine_planned.default._schema)
     if torch.version.cuda is None:
         assert not torch.ops.a2a_one_sided.built_with_cuda()
+
+
+def test_a_library_built_from_other_sources_is_not_loaded(tmp_path):
+    """setup.py compiles the sources digest into the library; an editable
+    install's library built from sources since edited is skipped (load() builds
+    the sources instead); one without a digest is trusted."""
+    import importlib.machinery
+
+    from vllm_a2a_plugin import ops
+
+    library = tmp_path / f"{ops.extension_name('cpu')}{importlib.machinery.EXTENSION_SUFFIXES[0]}"
+    library.write_bytes(b"\x7fELF no marker")
+    assert ops._prebuilt_library("cpu", here=tmp_path) == library
+    library.write_bytes(b"\x00A2A_SOURCES_DIGEST=" + ops.sources_digest().encode() + b";\x00")
+    assert ops._prebuilt_library("cpu", here=tmp_path) == library
+    library.write_bytes(b"\x00A2A_SOURCES_DIGEST=0123456789abcdef;\x00")
+    assert ops._prebuilt_library("cpu", here=tmp_path) is None
+    assert len(ops.sources_digest()) == 16
+
+
+def test_installed_library_carries_the_digest_of_these_sources():
+    """The library this checkout's install built (if any) names the sources it
+    was built from, and they are the sources here (reinstall after editing csrc/)."""
+    from vllm_a2a_plugin import ops
+
+    library = ops._prebuilt_library("cuda") or ops._prebuilt_library("cpu")
+    if library is None:
+        pytest.skip("no installed library beside the sources (nothing built, or built from "
+                    "other sources: load() JIT-builds then)")
+    assert ops.built_sources_digest(library) == ops.sources_digest()

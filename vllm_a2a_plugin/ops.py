@@ -48,6 +48,30 @@ def csrc_dir() -> Path:
     raise FileNotFoundError(f"kernel sources not found next to {here}")
 
 
+def sources_digest() -> str:
+    """sha256 (16 hex digits) of the kernel sources and headers in :func:`csrc_dir`.
+
+    setup.py compiles it into the extension (``-DA2A_SOURCES_DIGEST``, a marker
+    string read from the file without loading it): an editable install keeps
+    its library in the source tree, and after an edit of ``csrc/`` that library
+    no longer matches the sources; :func:`load` then builds the sources instead.
+    """
+    src = csrc_dir()
+    digest = hashlib.sha256()
+    for name in _SOURCES_CUDA + _HEADERS:
+        digest.update((src / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+_DIGEST_MARKER = re.compile(rb"A2A_SOURCES_DIGEST=([0-9a-z]+);")
+
+
+def built_sources_digest(library: Path) -> str | None:
+    """The sources digest compiled into ``library``; None if it has none."""
+    found = _DIGEST_MARKER.search(library.read_bytes())
+    return found.group(1).decode() if found else None
+
+
 # Toolkit files a CUDA build of ours needs, beyond nvcc: headers our sources
 # include (bindings.cpp, *.cu) and those torch's ATen/cuda/CUDAContext.h pulls
 # in (cuSPARSE, cuBLAS, cuBLASLt, cuSOLVER); the CUDA runtime to link with.
@@ -222,9 +246,7 @@ def _jit_build(with_cuda: bool) -> None:
 
     src = csrc_dir()
     sources = [str(src / s) for s in (_SOURCES_CUDA if with_cuda else _SOURCES_CUDA[:1])]
-    digest = hashlib.sha256()
-    for name in _SOURCES_CUDA + _HEADERS:
-        digest.update((src / name).read_bytes())
+    digest = hashlib.sha256(sources_digest().encode())
     digest.update(f"{torch.__version__}-{torch.version.cuda}-{with_cuda}".encode())
     digest.update(" ".join(nvcc_flags() + LINK_FLAGS).encode())
     name = f"a2a_one_sided_{digest.hexdigest()[:12]}"
@@ -294,19 +316,27 @@ def extension_name(kind: str) -> str:
     return f"_C_{kind}_torch{tag}"
 
 
-def _prebuilt_library(kind: str) -> Path | None:
-    """The extension setup.py built for this interpreter and torch, if any.
+def _prebuilt_library(kind: str, here: Path | None = None) -> Path | None:
+    """The extension setup.py built for this interpreter and torch, if any, and
+    only if it was built from the sources beside it now (the digest compiled
+    into it; a library without one is trusted, as older builds had none).
 
     It is a plain shared library (no Python module init), loaded with
     ``torch.ops.load_library``; the suffix must match this Python's ABI.
     """
     import importlib.machinery
 
-    here = Path(__file__).resolve().parent
+    here = here or Path(__file__).resolve().parent
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
         candidate = here / f"{extension_name(kind)}{suffix}"
-        if candidate.is_file():
-            return candidate
+        if not candidate.is_file():
+            continue
+        built_from = built_sources_digest(candidate)
+        if built_from not in (None, "unknown", sources_digest()):
+            _load_note.append(f"{candidate.name} was built from other sources than "
+                              f"{csrc_dir()} holds now; building those instead")
+            return None
+        return candidate
     return None
 
 
