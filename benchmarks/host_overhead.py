@@ -13,6 +13,8 @@ Beside the round trip it times, the same way, what bounds it from below:
   what is left with no Python of ours at all: the ops OneSidedAllToAll calls
   (``raw_ops``: ``planned`` where launch plans exist, else ``general``), and both
   kinds timed in this process (``raw_general_us``, ``raw_planned_us``);
+* ``python_only_us``: the round trip with the op calls replaced by a no-op:
+  our Python alone (run last: it leaves the all-to-all unusable);
 * ``torch_op_floor_us``: one trivial torch CUDA op (``zero_`` of 16 bytes):
   the dispatcher + launch floor any op pays.
 
@@ -153,13 +155,23 @@ def main(argv=None) -> None:
     torch.cuda.synchronize()
     a2a.check_errors()
 
+    # Our Python alone: the same round trips with the op calls replaced by a
+    # no-op (state checks, input checks, views, output slice; no launch).
+    def no_launch(*_args) -> None:
+        return None
+
+    for name in ("_dispatch_op", "_combine_op", "_dispatch_planned", "_combine_planned"):
+        if hasattr(a2a, name):
+            setattr(a2a, name, no_launch)
+    python_us = median_of_5(round_trips)
+
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(args.top)
     print(text.getvalue())
     print(f"host time per eager round trip (dispatch + combine), {args.shape} {args.dtype}, "
           f"{args.tokens} tokens: {enqueue_us:.1f} us (dispatch {dispatch_us:.1f}, combine "
-          f"{combine_us:.1f}); the two ops alone ({raw_ops}) {raw_us:.1f} us; one trivial torch op "
-          f"{floor_us:.1f} us")
+          f"{combine_us:.1f}); the two ops alone ({raw_ops}) {raw_us:.1f} us; our Python alone "
+          f"{python_us:.1f} us; one trivial torch op {floor_us:.1f} us")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "shape": args.shape, "dtype": args.dtype, "tokens": args.tokens,
@@ -167,7 +179,7 @@ def main(argv=None) -> None:
             "combine_us": round(combine_us, 2), "raw_ops_us_per_round_trip": round(raw_us, 2),
             "raw_ops": raw_ops, "raw_general_us": round(general_us, 2),
             "raw_planned_us": None if planned_us is None else round(planned_us, 2),
-            "torch_op_floor_us": round(floor_us, 2)}))
+            "python_only_us": round(python_us, 2), "torch_op_floor_us": round(floor_us, 2)}))
 
 
 if __name__ == "__main__":

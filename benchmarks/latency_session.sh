@@ -236,7 +236,8 @@ print("## host time, eager, one rank, 1 token, fp8 (us per round trip)")
 for side, d in doc.items():
     print(f"{side:>6}: round trip {d['host_us_per_round_trip']}, dispatch {d['dispatch_us']}, "
           f"combine {d['combine_us']}, the two ops alone ({d.get('raw_ops', 'general')}) "
-          f"{d['raw_ops_us_per_round_trip']}, "
+          f"{d['raw_ops_us_per_round_trip']} (general {d.get('raw_general_us')}, planned "
+          f"{d.get('raw_planned_us')}), our Python alone {d.get('python_only_us')}, "
           f"one trivial torch op {d['torch_op_floor_us']}")
 EOF
 for run in 1 2; do
