@@ -183,7 +183,7 @@ if want host; then host before; host after; fi
 
 # ---------------------------------------------------------------- 4. tests
 if ((AFTER_OK)) && want tests; then
-  run_step "tests/test_kernels_gpu.py" 120 200 "$ROOT" "$PY" -m pytest tests/test_kernels_gpu.py tests/test_fast_check.py -q \
+  run_step "tests/test_kernels_gpu.py" 120 200 "$ROOT" "$PY" -m pytest tests/test_kernels_gpu.py tests/test_dispatch_checks.py -q \
     && true; note "test_kernels_gpu: $(last_match '(passed|failed|error)')"
 fi
 
@@ -235,7 +235,8 @@ out.write_text(json.dumps(doc, indent=1))
 print("## host time, eager, one rank, 1 token, fp8 (us per round trip)")
 for side, d in doc.items():
     print(f"{side:>6}: round trip {d['host_us_per_round_trip']}, dispatch {d['dispatch_us']}, "
-          f"combine {d['combine_us']}, the two ops alone ({d.get('raw_ops', 'general')}) "
+          f"combine {d['combine_us']}, with combine(out=...) {d.get('host_us_out_given')}, "
+          f"the two ops alone ({d.get('raw_ops', 'general')}) "
           f"{d['raw_ops_us_per_round_trip']} (general {d.get('raw_general_us')}, planned "
           f"{d.get('raw_planned_us')}), our Python alone {d.get('python_only_us')}, "
           f"one trivial torch op {d['torch_op_floor_us']}")

@@ -268,12 +268,37 @@ void combine(at::Tensor& workspace, c10::IntArrayRef peer_ptrs, int64_t rank,
 // argument costs the Python -> dispatcher boxing ~0.3-0.5 us (16 arguments with
 // two int lists and a tensor list: ~8 us per call on a CPU host), which made the
 // two op calls most of an eager round trip's host time.
+// The dtype and row shape (sizes after the token dimension) that every call's
+// tensor in one role (payload i, combine's out) must have, read once from a "like"
+// tensor when the plan is made. The planned ops check their tensors against these,
+// so a call needs no argument check in Python (OneSidedAllToAll runs its own,
+// friendlier check only after the op refused).
+struct RowForm {
+  at::ScalarType dtype;
+  std::vector<int64_t> row_shape;
+};
+
+RowForm row_form_of(const at::Tensor& like, const char* name) {
+  TORCH_CHECK(like.dim() >= 1, name, " needs a token dimension");
+  return {like.scalar_type(), like.sizes().slice(1).vec()};
+}
+
+void check_row_form(const at::Tensor& t, const RowForm& form, const char* name) {
+  const int64_t row_dims = static_cast<int64_t>(form.row_shape.size());
+  TORCH_CHECK(t.scalar_type() == form.dtype && t.dim() == 1 + row_dims &&
+                  t.sizes().slice(1) == c10::IntArrayRef(form.row_shape),
+              name, " must be ", form.dtype, " with rows of shape ", c10::IntArrayRef(form.row_shape),
+              " (this plan's), got ", t.scalar_type(), " ", t.sizes());
+}
+
 struct LaunchPlan {
   WorkspaceSpec spec;
   CommonParams common;  // static fields only; set_call fills the rest per call
   void* workspace_data;
   at::Tensor expert_owner;  // the tables the kernels read, kept alive with the plan
   at::Tensor pad_ids;
+  std::vector<RowForm> payload_forms;  // [spec.num_payloads]
+  RowForm out_form;
 };
 
 struct PlanRegistry {
@@ -287,14 +312,24 @@ PlanRegistry& plan_registry() {
   return registry;
 }
 
+// `payload_like` (one per payload) and `out_like`: tensors with the dtype and row
+// shape of every call's payloads and combine output (any number of rows, 0
+// included; only their metadata is read).
 int64_t make_launch_plan(const at::Tensor& workspace, c10::IntArrayRef peer_ptrs, int64_t rank,
                          const at::Tensor& expert_owner, const at::Tensor& pad_ids,
                          int64_t error_record_ptr, int64_t max_tokens_per_rank, int64_t top_k,
-                         c10::IntArrayRef payload_row_bytes, int64_t combine_row_bytes,
+                         at::TensorList payload_like, const at::Tensor& out_like,
                          int64_t max_blocks, int64_t threads_per_block, int64_t timeout_ns) {
   auto plan = std::make_shared<LaunchPlan>();
+  std::vector<int64_t> payload_row_bytes;
+  for (const at::Tensor& like : payload_like) {
+    plan->payload_forms.push_back(row_form_of(like, "payload_like"));
+    payload_row_bytes.push_back(row_bytes_of(like));
+  }
+  plan->out_form = row_form_of(out_like, "out_like");
+  TORCH_CHECK(out_like.dim() == 2, "out_like must be [rows, hidden]");
   plan->spec = make_spec(static_cast<int64_t>(peer_ptrs.size()), max_tokens_per_rank, top_k,
-                         payload_row_bytes, combine_row_bytes);
+                         payload_row_bytes, row_bytes_of(out_like));
   plan->common = make_static_common(workspace, peer_ptrs, rank, expert_owner, error_record_ptr,
                                     plan->spec, max_blocks, threads_per_block, timeout_ns);
   check_cuda_tensor(pad_ids, "pad_ids", workspace.device());
@@ -341,8 +376,15 @@ void dispatch_planned(int64_t plan_id, at::Tensor& workspace, const at::Tensor& 
   dp.common = plan->common;
   set_call(dp.common, topk_ids, workspace.device(), plan->spec, runtime_max_tokens, phases);
   const at::Tensor payloads[2] = {x, x_scales.has_value() ? *x_scales : at::Tensor()};
-  set_dispatch_inputs(dp, at::TensorList(payloads, x_scales.has_value() ? 2 : 1), topk_weights,
-                      topk_ids, plan->pad_ids, workspace.device(), &plan->spec);
+  const at::TensorList payload_list(payloads, x_scales.has_value() ? 2 : 1);
+  TORCH_CHECK(payload_list.size() == plan->payload_forms.size(), "this plan sends ",
+              plan->payload_forms.size() == 2 ? "x and x_scales" : "x only", ", got ",
+              payload_list.size(), " payloads");
+  for (size_t i = 0; i < payload_list.size(); ++i) {
+    check_row_form(payload_list[i], plan->payload_forms[i], i == 0 ? "x" : "x_scales");
+  }
+  set_dispatch_inputs(dp, payload_list, topk_weights, topk_ids, plan->pad_ids, workspace.device(),
+                      &plan->spec);
   const int err = launch_dispatch(dp, at::cuda::getCurrentCUDAStream(workspace.device().index()));
   C10_CUDA_CHECK(static_cast<cudaError_t>(err));
 }
@@ -354,9 +396,8 @@ void combine_planned(int64_t plan_id, at::Tensor& workspace, const at::Tensor& t
   CombineParams cp{};
   cp.common = plan->common;
   set_call(cp.common, topk_ids, workspace.device(), plan->spec, runtime_max_tokens, phases);
+  check_row_form(out, plan->out_form, "out");
   set_combine_output(cp, out, topk_ids, workspace.device());
-  TORCH_CHECK(out.size(1) * out.element_size() == plan->spec.combine_row_bytes, "out rows have ",
-              out.size(1) * out.element_size(), " bytes, this plan's ", plan->spec.combine_row_bytes);
   const int err = launch_combine(cp, at::cuda::getCurrentCUDAStream(workspace.device().index()));
   C10_CUDA_CHECK(static_cast<cudaError_t>(err));
 }
@@ -422,7 +463,7 @@ TORCH_LIBRARY(a2a_one_sided, m) {
 #ifdef A2A_WITH_CUDA
   m.def("make_launch_plan(Tensor workspace, int[] peer_ptrs, int rank, Tensor expert_owner, "
         "Tensor pad_ids, int error_record_ptr, int max_tokens_per_rank, int top_k, "
-        "int[] payload_row_bytes, int combine_row_bytes, int max_blocks, int threads_per_block, "
+        "Tensor[] payload_like, Tensor out_like, int max_blocks, int threads_per_block, "
         "int timeout_ns) -> int",
         &a2a::make_launch_plan);
   m.def("free_launch_plan(int plan) -> ()", &a2a::free_launch_plan);

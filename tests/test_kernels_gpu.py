@@ -384,15 +384,16 @@ def test_launch_plan_checks_every_call_and_lives_as_long_as_its_all_to_all():
     combine = torch.ops.a2a_one_sided.combine_planned
     with pytest.raises(RuntimeError, match="is not the one launch plan"):
         dispatch(plan, other._buffer, x, None, ids, None, 3, 3)
-    with pytest.raises(RuntimeError, match="payload 0 rows have 512 bytes, this plan's 256"):
+    with pytest.raises(RuntimeError,
+                       match=r"x must be BFloat16 with rows of shape \[128\] \(this plan's\), got Float"):
         dispatch(plan, ws, x.float(), None, ids, None, 3, 3)
-    with pytest.raises(RuntimeError, match="this plan sends 1 payloads, got 2"):
+    with pytest.raises(RuntimeError, match="this plan sends x only, got 2 payloads"):
         dispatch(plan, ws, x, torch.ones(3, 1, device="cuda"), ids, None, 3, 3)
     with pytest.raises(RuntimeError, match="runtime_max_tokens .9. must be"):
         dispatch(plan, ws, x, None, ids, None, 9, 3)
     with pytest.raises(RuntimeError, match="topk_ids must be int32"):
         dispatch(plan, ws, x, None, ids.long(), None, 3, 3)
-    with pytest.raises(RuntimeError, match="out rows have 512 bytes, this plan's 256"):
+    with pytest.raises(RuntimeError, match=r"out must be BFloat16 with rows of shape \[128\]"):
         combine(plan, ws, ids, out.float(), 3, 3)
     with pytest.raises(RuntimeError, match="does not exist"):
         dispatch(plan + 1000, ws, x, None, ids, None, 3, 3)

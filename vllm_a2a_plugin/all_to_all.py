@@ -31,8 +31,8 @@ from vllm_a2a_plugin.errors import (
     A2ATimeoutError,
 )
 from vllm_a2a_plugin.padding import linear_expert_owner, padding_ids_for_ranks
-from vllm_a2a_plugin.validation import (DispatchInputFastCheck, check_dispatch_inputs,
-                                        check_expert_ids_in_range, check_tensor, is_capturing)
+from vllm_a2a_plugin.validation import (check_dispatch_inputs, check_expert_ids_in_range,
+                                        check_tensor, is_capturing)
 from vllm_a2a_plugin.workspace import AllToAllSpec, Workspace
 
 PHASE_SEND = ops.PHASE_SEND
@@ -49,6 +49,18 @@ _PHASE_NAMES = {0: "dispatch", 1: "combine"}
 # Receive views kept per runtime M; vLLM's M takes one value per CUDA-graph size
 # (and any value in eager steps), so the cache is bounded.
 _MAX_CACHED_VIEWS = 64
+
+
+def _plain_cuda_tensors(x, topk_ids, topk_weights, x_scales) -> bool:
+    """True when each argument is a plain CUDA ``torch.Tensor`` (optional ones may be
+    None): what reaches the C++ op and is checked there. Class and device only, the
+    cheapest attributes (~0.1 us each)."""
+    tensor = torch.Tensor
+    return (x.__class__ is tensor and x.is_cuda
+            and topk_ids.__class__ is tensor and topk_ids.is_cuda
+            and (topk_weights is None
+                 or (topk_weights.__class__ is tensor and topk_weights.is_cuda))
+            and (x_scales is None or (x_scales.__class__ is tensor and x_scales.is_cuda)))
 
 
 @dataclass(frozen=True)
@@ -143,10 +155,12 @@ class OneSidedAllToAll:
         self._dispatch_args = None
         self._combine_dst: torch.Tensor | None = None
         self._combine_out: torch.Tensor | None = None  # see combine_output
+        self._combine_out_views: dict[int, torch.Tensor] = {}  # [:T] views of it, per T
         self._views_by_m: dict[int, DispatchResult] = {}
+        self._combine_input_views: dict[int, torch.Tensor] = {}
         # Per-call host work, paid once here (issue 15: eager host time): the op
-        # overloads (`.default` skips the packet's overload lookup), the spec's
-        # constant arguments, and a cheap form of the input check.
+        # overloads (`.default` skips the packet's overload lookup) and the spec's
+        # constant arguments. The input check is the planned op's (see dispatch).
         self._dispatch_op = torch.ops.a2a_one_sided.dispatch.default
         self._combine_op = torch.ops.a2a_one_sided.combine.default
         # The planned ops take only what changes per call; the rest lives in a
@@ -159,7 +173,6 @@ class OneSidedAllToAll:
         self._plan = 0
         self._plan_for: tuple[object, object] | None = None  # (peer_ptrs, config) it was made for
         self._plan_finalizer: weakref.finalize | None = None
-        self._fast_check = DispatchInputFastCheck(spec, self.device)
         self._payload_row_bytes = list(spec.payload_row_bytes)
         self._combine_row_bytes = spec.combine_row_bytes
         self._num_tokens = 0
@@ -212,9 +225,15 @@ class OneSidedAllToAll:
         """
         if self._phase != "dispatched":
             raise A2AStateError("combine_input() is only valid after dispatch()")
-        return self.workspace.region(
-            self.rank, self.workspace.layout.combine, self.spec.combine_dtype,
-            (self.spec.ep_size * self._runtime_max_tokens, self.spec.hidden_size))
+        m = self._runtime_max_tokens
+        view = self._combine_input_views.get(m)
+        if view is None:  # kept per M, as the dispatch views (vLLM asks on every step)
+            if len(self._combine_input_views) >= _MAX_CACHED_VIEWS:
+                self._combine_input_views.clear()
+            view = self._combine_input_views[m] = self.workspace.region(
+                self.rank, self.workspace.layout.combine, self.spec.combine_dtype,
+                (self.spec.ep_size * m, self.spec.hidden_size))
+        return view
 
     # --------------------------------------------------------------- launches
     def _max_blocks(self) -> int:
@@ -269,23 +288,40 @@ class OneSidedAllToAll:
                 "by combine() before the next dispatch"
             )
         m = self.spec.max_tokens_per_rank if runtime_max_tokens is None else int(runtime_max_tokens)
-        if self._fast_check.passes(x, topk_ids, topk_weights, x_scales, extra_payloads, m):
-            num_tokens = topk_ids.shape[0]
-        else:  # the full check: raises with a message, or accepts what the fast one left
-            num_tokens = check_dispatch_inputs(
-                self.spec, x=x, topk_ids=topk_ids, topk_weights=topk_weights, x_scales=x_scales,
-                extra_payloads=tuple(extra_payloads), runtime_max_tokens=m, device=self.device)
         if check_expert_ids is None:
             check_expert_ids = self.config.check_expert_ids
-        if check_expert_ids and not is_capturing():
-            check_expert_ids_in_range(topk_ids, self.spec.num_experts)
+        # The planned op checks every argument in C++ before it launches (dtype, row
+        # shape, rows, device, contiguity, M; csrc/bindings.cpp dispatch_planned), so
+        # plain CUDA tensors need no check here: the Python check below runs only
+        # when that one refuses, to raise with its message. Other arguments (tensor
+        # subclasses such as FakeTensor, which never reach the C++ op, non-tensors,
+        # other devices) take the Python check first.
+        checked_by_op = (self._use_plan and not check_expert_ids and not extra_payloads
+                         and _plain_cuda_tensors(x, topk_ids, topk_weights, x_scales))
+        if not checked_by_op:
+            self._check_dispatch_inputs(x, topk_ids, topk_weights, x_scales, extra_payloads, m)
+            if check_expert_ids and not is_capturing():
+                check_expert_ids_in_range(topk_ids, self.spec.num_experts)
         self._dispatch_args = (x, x_scales, extra_payloads, topk_ids, topk_weights)
         self._runtime_max_tokens = m
         self._topk_ids = topk_ids
-        self._num_tokens = num_tokens
-        self._launch_dispatch(phases)
+        try:
+            self._launch_dispatch(phases)
+        except RuntimeError:
+            self._finish_round()
+            if checked_by_op:  # the op refused before launching: say why, in Python's words
+                self._check_dispatch_inputs(x, topk_ids, topk_weights, x_scales, extra_payloads,
+                                            m)
+            raise
+        self._num_tokens = topk_ids.shape[0]
         self._phase = "dispatched" if phases == PHASE_BOTH else "dispatch_sent"
         return self._views(m)
+
+    def _check_dispatch_inputs(self, x, topk_ids, topk_weights, x_scales, extra_payloads,
+                               m: int) -> None:
+        check_dispatch_inputs(
+            self.spec, x=x, topk_ids=topk_ids, topk_weights=topk_weights, x_scales=x_scales,
+            extra_payloads=tuple(extra_payloads), runtime_max_tokens=m, device=self.device)
 
     def wait_dispatch(self) -> DispatchResult:
         """Second half of a split dispatch: wait until every sender's slots arrived."""
@@ -332,10 +368,18 @@ class OneSidedAllToAll:
             raise A2AStateError(
                 f"the workspace has {len(peer_ptrs)} peer addresses for ep_size {spec.ep_size}: "
                 "it was released (Workspace.release()); make a new workspace and all-to-all")
+        # What every call's x, x_scales and combine output must be: dtype and row
+        # shape (no rows: no memory).
+        def like(cols: int, dtype: torch.dtype) -> torch.Tensor:
+            return torch.empty((0, cols), dtype=dtype, device=self.device)
+
+        payload_like = [like(spec.hidden_size, spec.dispatch_dtype)]
+        if spec.scale_cols:
+            payload_like.append(like(spec.scale_cols, torch.float32))
         self._plan = int(torch.ops.a2a_one_sided.make_launch_plan(
             self._buffer, peer_ptrs, self.rank, self._expert_owner, self._pad_ids,
-            self._error_record_ptr, spec.max_tokens_per_rank, spec.top_k,
-            self._payload_row_bytes, self._combine_row_bytes, *self._launch_settings()))
+            self._error_record_ptr, spec.max_tokens_per_rank, spec.top_k, payload_like,
+            like(spec.hidden_size, spec.combine_dtype), *self._launch_settings()))
         self._plan_for = (peer_ptrs, config)
         # Freed with this object; at interpreter exit the process frees everything.
         self._plan_finalizer = weakref.finalize(
@@ -377,8 +421,20 @@ class OneSidedAllToAll:
             )
         if y is not None:
             self._stage_combine_input(y)
-        out = self._combine_dst = self.combine_output(out)
-        self._launch_combine(phases)
+        # As in dispatch: the planned op checks a plain CUDA `out` itself (dtype,
+        # shape, device, contiguity) before it launches.
+        out_checked_by_op = (self._use_plan and out is not None and out.__class__ is torch.Tensor
+                             and out.is_cuda)
+        if out_checked_by_op:
+            self._combine_dst = out
+        else:
+            out = self._combine_dst = self.combine_output(out)
+        try:
+            self._launch_combine(phases)
+        except RuntimeError:
+            if out_checked_by_op:  # the op refused before launching: say why
+                self.combine_output(out)
+            raise
         if phases == PHASE_SEND:
             self._phase = "combine_sent"
         else:
@@ -403,11 +459,18 @@ class OneSidedAllToAll:
         # graph captured with out=None keeps the address it got, so the buffer must
         # outlive every graph. (A cache per count freed the old tensor when the
         # count changed, and a graph replayed after that wrote into freed memory.)
-        if self._combine_out is None:
-            self._combine_out = torch.empty(
-                (self.spec.max_tokens_per_rank, self.spec.hidden_size), device=self.device,
-                dtype=self.spec.combine_dtype)
-        return self._combine_out[:num_tokens]
+        # Its views are kept per token count, as the dispatch views are per M: a
+        # slice costs ~1 us of host time on every call.
+        view = self._combine_out_views.get(num_tokens)
+        if view is None:
+            if self._combine_out is None:
+                self._combine_out = torch.empty(
+                    (self.spec.max_tokens_per_rank, self.spec.hidden_size), device=self.device,
+                    dtype=self.spec.combine_dtype)
+            if len(self._combine_out_views) >= _MAX_CACHED_VIEWS:
+                self._combine_out_views.clear()
+            view = self._combine_out_views[num_tokens] = self._combine_out[:num_tokens]
+        return view
 
     def wait_combine(self) -> torch.Tensor:
         """Second half of a split combine: wait for every peer, then reduce into ``out``."""

@@ -99,67 +99,6 @@ def check_dispatch_inputs(
     return num_tokens
 
 
-class DispatchInputFastCheck:
-    """A cheap yes/no form of :func:`check_dispatch_inputs` for the per-call path.
-
-    ``passes(...)`` is True only when :func:`check_dispatch_inputs` would accept
-    the same arguments; False means "not sure": the caller then runs the full
-    check, which raises with its message (or accepts what the fast form left to
-    it: tensor subclasses, extra payloads, devices other than one CUDA device).
-    It reads each tensor's dtype, shape, device and contiguity with the cheapest
-    attribute for each (no ``torch.device`` objects, no generators), which took
-    the check from ~5 us to ~1.5 us per dispatch (CPU measurement, 4 tensors).
-
-    Args:
-        spec: the workspace spec the inputs must fit.
-        device: the CUDA device the all-to-all runs on.
-    """
-
-    def __init__(self, spec: AllToAllSpec, device: torch.device):
-        self._top_k = spec.top_k
-        self._hidden = spec.hidden_size
-        self._x_dtype = spec.dispatch_dtype
-        self._scale_cols = spec.scale_cols
-        self._capacity = spec.max_tokens_per_rank
-        self._has_extras = bool(spec.extra_payload_row_bytes)
-        self._cuda_index = device.index if device.type == "cuda" and device.index is not None \
-            else None
-
-    def passes(self, x: torch.Tensor, topk_ids: torch.Tensor,
-               topk_weights: torch.Tensor | None, x_scales: torch.Tensor | None,
-               extra_payloads: tuple, runtime_max_tokens: int) -> bool:
-        """True when every argument certainly passes :func:`check_dispatch_inputs`."""
-        index = self._cuda_index
-        if index is None or extra_payloads or self._has_extras:
-            return False
-        tensor = torch.Tensor
-        if (topk_ids.__class__ is not tensor or topk_ids.dtype is not torch.int32
-                or not topk_ids.is_cuda or topk_ids.get_device() != index
-                or not topk_ids.is_contiguous()):
-            return False
-        shape = topk_ids.shape
-        if len(shape) != 2 or shape[1] != self._top_k:
-            return False
-        n = shape[0]
-        if not n <= runtime_max_tokens <= self._capacity:
-            return False
-        if (x.__class__ is not tensor or x.dtype is not self._x_dtype
-                or x.shape != (n, self._hidden) or not x.is_cuda
-                or x.get_device() != index or not x.is_contiguous()):
-            return False
-        if topk_weights is not None and (
-                topk_weights.__class__ is not tensor or topk_weights.dtype is not torch.float32
-                or topk_weights.shape != (n, self._top_k) or not topk_weights.is_cuda
-                or topk_weights.get_device() != index or not topk_weights.is_contiguous()):
-            return False
-        if self._scale_cols:
-            return (x_scales is not None and x_scales.__class__ is tensor
-                    and x_scales.dtype is torch.float32
-                    and x_scales.shape == (n, self._scale_cols) and x_scales.is_cuda
-                    and x_scales.get_device() == index and x_scales.is_contiguous())
-        return x_scales is None
-
-
 NO_EXPERT = -1
 """A top-k id meaning "no expert for this slot" (csrc/launch.h ``kNoExpert``):
 vLLM's routers write it for padding tokens (``VLLM_MOE_SKIP_PADDING``). The slot
