@@ -1,7 +1,10 @@
-"""The kernels compile on their own (no torch) for Hopper and Blackwell."""
+"""The kernels compile on their own (no torch) for Hopper and Blackwell, and the
+CUDA half of the bindings compiles against torch's headers where a CUDA build of
+torch brings the CUDA headers it needs (CI's vLLM 0.33 venv), GPU or not."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -24,6 +27,46 @@ def test_kernels_compile_with_nvcc(arch, tmp_path):
         assert proc.returncode == 0, proc.stderr
         assert (tmp_path / f"{source}.o").stat().st_size > 0
         assert f"sm_{arch}" in proc.stderr  # ptxas reported on the requested target
+
+
+def _cuda_header_dirs() -> list[Path]:
+    """Folders holding the CUDA headers torch's CUDA headers include (cuda_runtime.h,
+    cusparse.h): the toolkit's, or the nvidia wheels a CUDA build of torch installs."""
+    import torch
+
+    roots = [Path(torch.__file__).resolve().parent.parent / "nvidia"]
+    dirs = [d for root in roots if root.is_dir() for d in root.glob("*/include")]
+    home = os.environ.get("CUDA_HOME")
+    if home:
+        dirs.append(Path(home) / "include")
+    return dirs
+
+
+def test_bindings_compile_with_cuda():
+    """bindings.cpp with A2A_WITH_CUDA, syntax only (no toolkit libraries, no GPU):
+    the launch-plan and op code that CPU-only builds leave out still compiles."""
+    import sysconfig
+
+    import torch
+    from torch.utils import cpp_extension
+
+    if torch.version.cuda is None:
+        pytest.skip("torch is a CPU build: it has no CUDA headers to compile against")
+    dirs = _cuda_header_dirs()
+    if not any((d / "cuda_runtime.h").is_file() for d in dirs) or \
+            not any((d / "cusparse.h").is_file() for d in dirs):
+        pytest.skip(f"no cuda_runtime.h and cusparse.h in {[str(d) for d in dirs]} "
+                    "(torch's ATen/cuda headers include both)")
+    compiler = shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no C++ compiler on PATH")
+    includes = [*cpp_extension.include_paths(), *map(str, dirs),
+                sysconfig.get_paths()["include"], str(CSRC)]
+    proc = subprocess.run(
+        [compiler, "-std=c++20", "-fsyntax-only", "-DA2A_WITH_CUDA",
+         *(f"-I{d}" for d in includes), str(CSRC / "bindings.cpp")],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 def test_bindings_build_for_cpu_torch():
