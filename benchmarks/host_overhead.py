@@ -8,6 +8,8 @@ prints the functions that cost the most.
 Beside the round trip it times, the same way, what bounds it from below:
 
 * ``dispatch_us`` / ``combine_us``: each call of the round trip on its own;
+* ``host_us_out_given``: the round trip with ``combine(out=...)`` into a tensor
+  the caller made (vLLM's finalize does that) instead of ours;
 * ``raw_ops_us_per_round_trip``: the two ``torch.ops`` calls alone with their
   arguments built once (op dispatch, argument checks in C++, two launches):
   what is left with no Python of ours at all: the ops OneSidedAllToAll calls
@@ -91,6 +93,14 @@ def main(argv=None) -> None:
             round_trip()
 
     enqueue_us = median_of_5(round_trips)
+    given_out = torch.empty((args.tokens, shape.hidden), dtype=spec.combine_dtype, device=device)
+
+    def round_trips_out_given(n: int) -> None:
+        for _ in range(n):
+            a2a.dispatch(x, ids, weights, x_scales=scales, runtime_max_tokens=args.tokens)
+            a2a.combine(out=given_out)
+
+    out_given_us = median_of_5(round_trips_out_given)
     split = {"dispatch": [], "combine": []}
     for _ in range(5):
         spent = {"dispatch": 0.0, "combine": 0.0}
@@ -170,13 +180,14 @@ def main(argv=None) -> None:
     print(text.getvalue())
     print(f"host time per eager round trip (dispatch + combine), {args.shape} {args.dtype}, "
           f"{args.tokens} tokens: {enqueue_us:.1f} us (dispatch {dispatch_us:.1f}, combine "
-          f"{combine_us:.1f}); the two ops alone ({raw_ops}) {raw_us:.1f} us; our Python alone "
+          f"{combine_us:.1f}; {out_given_us:.1f} with combine(out=...)); the two ops alone ({raw_ops}) {raw_us:.1f} us; our Python alone "
           f"{python_us:.1f} us; one trivial torch op {floor_us:.1f} us")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "shape": args.shape, "dtype": args.dtype, "tokens": args.tokens,
             "host_us_per_round_trip": round(enqueue_us, 2), "dispatch_us": round(dispatch_us, 2),
-            "combine_us": round(combine_us, 2), "raw_ops_us_per_round_trip": round(raw_us, 2),
+            "combine_us": round(combine_us, 2), "host_us_out_given": round(out_given_us, 2),
+            "raw_ops_us_per_round_trip": round(raw_us, 2),
             "raw_ops": raw_ops, "raw_general_us": round(general_us, 2),
             "raw_planned_us": None if planned_us is None else round(planned_us, 2),
             "python_only_us": round(python_us, 2), "torch_op_floor_us": round(floor_us, 2)}))
