@@ -74,3 +74,24 @@ def test_local_routing_refuses_ranks_with_fewer_experts_than_top_k():
     from benchmarks.shapes import SHAPES, routing
     with pytest.raises(ValueError, match="local routing needs"):
         routing(torch.Generator(), 4, SHAPES["deepseek_v3"], "local", rank=0, ep_size=64)
+
+
+def test_python_overhead_stand_in_runs_the_hot_path_of_this_tree(tmp_path):
+    """benchmarks/python_overhead_cpu.py assembles an all-to-all without CUDA; it
+    must keep matching OneSidedAllToAll's fields (AttributeError otherwise) and
+    take the same path CUDA tensors take (the op's check, no Python check)."""
+    import json
+    from unittest import mock
+
+    from benchmarks import python_overhead_cpu
+    from vllm_a2a_plugin import all_to_all
+
+    plain = all_to_all._plain_cuda_tensors
+    out = tmp_path / "python.json"
+    with mock.patch.object(all_to_all, "check_dispatch_inputs",
+                           side_effect=AssertionError("the Python check ran")) as check:
+        python_overhead_cpu.main(["--iters", "20", "--repeats", "1", "--json", str(out)])
+    assert check.call_count == 0
+    assert all_to_all._plain_cuda_tensors is plain  # its CPU stand-ins are undone
+    result = json.loads(out.read_text())
+    assert result["python_us_per_round_trip"] > 0 and result["python_us_out_given"] > 0

@@ -63,6 +63,11 @@ def _plain_cuda_tensors(x, topk_ids, topk_weights, x_scales) -> bool:
             and (x_scales is None or (x_scales.__class__ is tensor and x_scales.is_cuda)))
 
 
+def _plain_cuda_tensor(t) -> bool:
+    """The same test for one tensor (combine's ``out``)."""
+    return t.__class__ is torch.Tensor and t.is_cuda
+
+
 @dataclass(frozen=True)
 class DispatchResult:
     """What rank ``r`` received; every tensor is a view into its workspace.
@@ -423,8 +428,7 @@ class OneSidedAllToAll:
             self._stage_combine_input(y)
         # As in dispatch: the planned op checks a plain CUDA `out` itself (dtype,
         # shape, device, contiguity) before it launches.
-        out_checked_by_op = (self._use_plan and out is not None and out.__class__ is torch.Tensor
-                             and out.is_cuda)
+        out_checked_by_op = self._use_plan and out is not None and _plain_cuda_tensor(out)
         if out_checked_by_op:
             self._combine_dst = out
         else:
