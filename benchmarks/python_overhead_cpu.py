@@ -180,13 +180,15 @@ def measure(args, torch, spec, a2a) -> dict:
 
 
 def _commit(tree: Path) -> str:
-    """The tree's commit, with "+changes" when it has uncommitted ones."""
+    """The tree's commit, with "+changes" when what is measured (the package, csrc)
+    has uncommitted changes."""
     def git(*cmd: str) -> str:
         proc = subprocess.run(["git", "-C", str(tree), *cmd], capture_output=True, text=True)
         return proc.stdout.strip() if proc.returncode == 0 else ""
 
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    return commit + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", "vllm_a2a_plugin", "csrc")
+    return commit + ("+changes" if changed else "")
 
 
 def _cpu_name() -> str:
