@@ -268,6 +268,7 @@ void combine(at::Tensor& workspace, c10::IntArrayRef peer_ptrs, int64_t rank,
 // argument costs the Python -> dispatcher boxing ~0.3-0.5 us (16 arguments with
 // two int lists and a tensor list: ~8 us per call on a CPU host), which made the
 // two op calls most of an eager round trip's host time.
+
 // The dtype and row shape (sizes after the token dimension) that every call's
 // tensor in one role (payload i, combine's out) must have, read once from a "like"
 // tensor when the plan is made. The planned ops check their tensors against these,
