@@ -42,7 +42,7 @@ def _cuda_header_dirs() -> list[Path]:
     return dirs
 
 
-def test_bindings_compile_with_cuda():
+def test_bindings_compile_with_cuda(tmp_path):
     """bindings.cpp with A2A_WITH_CUDA, syntax only (no toolkit libraries, no GPU):
     the launch-plan and op code that CPU-only builds leave out still compiles."""
     import sysconfig
@@ -53,19 +53,28 @@ def test_bindings_compile_with_cuda():
     if torch.version.cuda is None:
         pytest.skip("torch is a CPU build: it has no CUDA headers to compile against")
     dirs = _cuda_header_dirs()
-    if not any((d / "cuda_runtime.h").is_file() for d in dirs) or \
-            not any((d / "cusparse.h").is_file() for d in dirs):
-        pytest.skip(f"no cuda_runtime.h and cusparse.h in {[str(d) for d in dirs]} "
-                    "(torch's ATen/cuda headers include both)")
     compiler = shutil.which("c++") or shutil.which("g++")
     if compiler is None:
         pytest.skip("no C++ compiler on PATH")
     includes = [*cpp_extension.include_paths(), *map(str, dirs),
                 sysconfig.get_paths()["include"], str(CSRC)]
-    proc = subprocess.run(
-        [compiler, "-std=c++20", "-fsyntax-only", "-DA2A_WITH_CUDA",
-         *(f"-I{d}" for d in includes), str(CSRC / "bindings.cpp")],
-        capture_output=True, text=True, timeout=600)
+
+    def syntax_check(source: Path) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [compiler, "-std=c++20", "-fsyntax-only", "-DA2A_WITH_CUDA",
+             *(f"-I{d}" for d in includes), str(source)],
+            capture_output=True, text=True, timeout=600)
+
+    # torch's own CUDA headers first: where they do not compile (headers some
+    # venvs' nvidia wheels lack, e.g. crt/host_defines.h), nothing of ours is wrong.
+    probe = tmp_path / "torch_cuda_headers.cpp"
+    probe.write_text("#include <ATen/cuda/CUDAContext.h>\n#include <c10/cuda/CUDAGuard.h>\n")
+    proc = syntax_check(probe)
+    if proc.returncode != 0:
+        first = next((line for line in proc.stderr.splitlines() if "error" in line), "")
+        pytest.skip(f"torch's CUDA headers do not compile here with {[str(d) for d in dirs]}: "
+                    f"{first.strip()}")
+    proc = syntax_check(CSRC / "bindings.cpp")
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
