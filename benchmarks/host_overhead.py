@@ -180,7 +180,8 @@ def main(argv=None) -> None:
     print(text.getvalue())
     print(f"host time per eager round trip (dispatch + combine), {args.shape} {args.dtype}, "
           f"{args.tokens} tokens: {enqueue_us:.1f} us (dispatch {dispatch_us:.1f}, combine "
-          f"{combine_us:.1f}; {out_given_us:.1f} with combine(out=...)); the two ops alone ({raw_ops}) {raw_us:.1f} us; our Python alone "
+          f"{combine_us:.1f}; {out_given_us:.1f} with combine(out=...)); the two ops alone "
+          f"({raw_ops}) {raw_us:.1f} us; our Python alone "
           f"{python_us:.1f} us; one trivial torch op {floor_us:.1f} us")
     if args.json:
         Path(args.json).write_text(json.dumps({

@@ -6,10 +6,11 @@ checks, views, the output view) with the op calls replaced by no-ops, on CPU
 tensors. An all-to-all cannot be built without CUDA (pinned, device-mapped
 error record; CUDA workspace), so this one is assembled field by field from a
 CPU workspace, and the tests for CUDA tensors get CPU stand-ins of the same
-cost (``is_cpu`` for ``is_cuda``), so CPU tensors take the path CUDA tensors take. Timing: wall clock
-(``time.perf_counter``) over ``--iters`` round trips, median of ``--repeats``.
-Since it sets private fields, it breaks loudly (AttributeError) when
-``OneSidedAllToAll.__init__`` gains one it does not set: add it here.
+cost (``is_cpu`` for ``is_cuda``), so CPU tensors take the path CUDA tensors
+take. Timing: wall clock (``time.perf_counter``) over ``--iters`` round trips,
+median of ``--repeats``. Since it sets private fields, it breaks loudly
+(AttributeError) when the hot path reads one it does not set: add it here
+(``tests/test_bench_helpers.py`` runs it).
 
     python3 benchmarks/python_overhead_cpu.py                      # this tree
     python3 benchmarks/python_overhead_cpu.py --tree /tmp/old      # another checkout's package
@@ -143,8 +144,9 @@ def main(argv=None) -> None:
                         num_experts=256, dispatch_dtype=torch.float8_e4m3fn, scale_cols=56)
     with contextlib.ExitStack() as stack:
         result = measure(args, torch, spec, build(spec, torch, stack))
-    print(f"our Python per round trip (CPU stand-in, no launches): {result['python_us_per_round_trip']}"
-          f" us (min {result['python_us_per_round_trip_min']}); with combine(out=...) "
+    print(f"our Python per round trip (CPU stand-in, no launches): "
+          f"{result['python_us_per_round_trip']} us (min {result['python_us_per_round_trip_min']}); "
+          f"with combine(out=...) "
           f"{result['python_us_out_given']} us")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

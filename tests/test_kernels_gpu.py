@@ -385,7 +385,8 @@ def test_launch_plan_checks_every_call_and_lives_as_long_as_its_all_to_all():
     with pytest.raises(RuntimeError, match="is not the one launch plan"):
         dispatch(plan, other._buffer, x, None, ids, None, 3, 3)
     with pytest.raises(RuntimeError,
-                       match=r"x must be BFloat16 with rows of shape \[128\] \(this plan's\), got Float"):
+                       match=r"x must be BFloat16 with rows of shape \[128\] \(this plan's\), "
+                             r"got Float"):
         dispatch(plan, ws, x.float(), None, ids, None, 3, 3)
     with pytest.raises(RuntimeError, match="this plan sends x only, got 2 payloads"):
         dispatch(plan, ws, x, torch.ones(3, 1, device="cuda"), ids, None, 3, 3)
