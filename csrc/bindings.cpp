@@ -171,13 +171,12 @@ void set_call(CommonParams& p, const at::Tensor& topk_ids, const at::Device& dev
   p.phases = static_cast<int>(phases);
 }
 
-// Payload rows, router weights and padding ids of one dispatch. `expected_row_bytes`
-// (a launch plan's spec) pins each payload's row size; the unplanned op derives
-// the spec from the payloads instead.
+// Payload rows, router weights and padding ids of one dispatch. Row sizes are
+// taken from the payloads: the unplanned op derives its spec from them, and the
+// planned one has checked each payload against its plan's row form first.
 void set_dispatch_inputs(DispatchParams& dp, at::TensorList payloads,
                          const std::optional<at::Tensor>& topk_weights, const at::Tensor& topk_ids,
-                         const at::Tensor& pad_ids, const at::Device& device,
-                         const WorkspaceSpec* expected) {
+                         const at::Tensor& pad_ids, const at::Device& device) {
   check_cuda_tensor(pad_ids, "pad_ids", device);
   TORCH_CHECK(pad_ids.scalar_type() == at::kInt && pad_ids.numel() == dp.common.ep_size,
               "pad_ids must be int32 [ep_size]");
@@ -188,18 +187,12 @@ void set_dispatch_inputs(DispatchParams& dp, at::TensorList payloads,
                 "topk_weights must be float32 with the shape of topk_ids");
     dp.topk_weights = topk_weights->data_ptr<float>();
   }
-  if (expected != nullptr) {
-    TORCH_CHECK(static_cast<int64_t>(payloads.size()) == expected->num_payloads, "this plan sends ",
-                expected->num_payloads, " payloads, got ", payloads.size());
-  }
   dp.num_payloads = static_cast<int>(payloads.size());
   for (size_t i = 0; i < payloads.size(); ++i) {
     check_cuda_tensor(payloads[i], "payload", device);
     TORCH_CHECK(payloads[i].dim() >= 1 && payloads[i].size(0) == topk_ids.size(0), "payload ", i,
                 " has ", payloads[i].size(0), " rows but topk_ids has ", topk_ids.size(0));
     const int64_t row = row_bytes_of(payloads[i]);
-    TORCH_CHECK(expected == nullptr || row == expected->payload_row_bytes[i], "payload ", i,
-                " rows have ", row, " bytes, this plan's ", expected == nullptr ? 0 : expected->payload_row_bytes[i]);
     dp.payloads[i] = payloads[i].data_ptr();
     dp.payload_row_bytes[i] = row;
   }
@@ -237,7 +230,7 @@ void dispatch(at::Tensor& workspace, c10::IntArrayRef peer_ptrs, int64_t rank,
   dp.common = make_static_common(workspace, peer_ptrs, rank, expert_owner, error_record_ptr, spec,
                                  max_blocks, threads_per_block, timeout_ns);
   set_call(dp.common, topk_ids, workspace.device(), spec, runtime_max_tokens, phases);
-  set_dispatch_inputs(dp, payloads, topk_weights, topk_ids, pad_ids, workspace.device(), nullptr);
+  set_dispatch_inputs(dp, payloads, topk_weights, topk_ids, pad_ids, workspace.device());
   const int err = launch_dispatch(dp, at::cuda::getCurrentCUDAStream(workspace.device().index()));
   C10_CUDA_CHECK(static_cast<cudaError_t>(err));
 }
@@ -384,8 +377,7 @@ void dispatch_planned(int64_t plan_id, at::Tensor& workspace, const at::Tensor& 
   for (size_t i = 0; i < payload_list.size(); ++i) {
     check_row_form(payload_list[i], plan->payload_forms[i], i == 0 ? "x" : "x_scales");
   }
-  set_dispatch_inputs(dp, payload_list, topk_weights, topk_ids, plan->pad_ids, workspace.device(),
-                      &plan->spec);
+  set_dispatch_inputs(dp, payload_list, topk_weights, topk_ids, plan->pad_ids, workspace.device());
   const int err = launch_dispatch(dp, at::cuda::getCurrentCUDAStream(workspace.device().index()));
   C10_CUDA_CHECK(static_cast<cudaError_t>(err));
 }
