@@ -146,8 +146,7 @@ def main(argv=None) -> None:
         result = measure(args, torch, spec, build(spec, torch, stack))
     print(f"our Python per round trip (CPU stand-in, no launches): "
           f"{result['python_us_per_round_trip']} us (min {result['python_us_per_round_trip_min']}); "
-          f"with combine(out=...) "
-          f"{result['python_us_out_given']} us")
+          f"with combine(out=...) {result['python_us_out_given']} us")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
 
