@@ -406,14 +406,15 @@ def test_launch_plan_checks_every_call_and_lives_as_long_as_its_all_to_all():
     assert replaced != plan
     with pytest.raises(RuntimeError, match="does not exist"):
         dispatch(plan, ws, x, None, ids, None, 3, 3)
+    # The other rank's plan, made while the workspace still has its peer pointers.
+    other_plan = other._launch_plan()
     # Released workspace: the next call refuses instead of using stale pointers.
     ranks.workspace.release()
     with pytest.raises(A2AStateError, match=r"it was released \(Workspace.release\(\)\)"):
         a2a.dispatch(x, ids)
     assert a2a.phase == "idle"
-    # Collected with its all-to-all.
+    # Collected with its all-to-all, released workspace or not.
     probe = weakref.ref(other)
-    other_plan = other._launch_plan()
     del ranks, a2a, other
     gc.collect()
     assert probe() is None
