@@ -95,3 +95,19 @@ def test_python_overhead_stand_in_runs_the_hot_path_of_this_tree(tmp_path):
     assert all_to_all._plain_cuda_tensors is plain  # its CPU stand-ins are undone
     result = json.loads(out.read_text())
     assert result["python_us_per_round_trip"] > 0 and result["python_us_out_given"] > 0
+
+
+def test_host_plot_draws_every_process_of_a_host_json(tmp_path):
+    """benchmarks/plot_host.py reads latency_session.sh's host.json; a process
+    whose tree had no launch plans (raw_planned_us None) still gets its bars."""
+    import json
+
+    from benchmarks import plot_host
+
+    fields = {"host_us_per_round_trip": 20.0, "host_us_out_given": 20.5, "raw_general_us": 19.0,
+              "raw_planned_us": 13.0, "python_only_us": 5.0, "torch_op_floor_us": 5.2}
+    host = tmp_path / "host.json"
+    host.write_text(json.dumps({"before": {**fields, "raw_planned_us": None}, "after": fields}))
+    png = tmp_path / "host.png"
+    plot_host.main([str(host), str(png)])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
