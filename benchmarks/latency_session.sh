@@ -31,7 +31,9 @@
 # before_2.json, host.json, probe_after.json, traces/, summary.txt.
 #
 # A2A_SESSION_STEPS picks steps (comma list; default all, in this order):
-#   bench1, host, tests, memcheck, racecheck, probe, bench2, host2, faults, ipc.
+#   bench1, host, tests, memcheck, racecheck, probe, bench2, host2, faults, ipc;
+#   eagerab (not in the default: A2A_EAGER_AB_ROUNDS alternating before/after
+#   processes of eager bench + host_overhead -> eager_ab.tgz) runs after host.
 # A second call can finish what the deadline skipped, e.g.
 #   A2A_SESSION_STEPS=bench2,host2,racecheck,faults,ipc bash benchmarks/latency_session.sh
 #
@@ -180,6 +182,49 @@ host() {  # host SIDE [SUFFIX]
     --tokens 1 --dtype fp8 --iters 300 --json "$WORK/host_$side$suffix.json"
 }
 if want host; then host before; host after; fi
+
+# ---------------------------------------------------------------- 3b. eager A/B
+# Event-timed eager rows and host times follow the host's and the GPU clocks'
+# state of the moment, which moves between processes by more than a host-code
+# change: several short processes per side, alternating (before-after, then
+# after-before), each a bench_a2a.py eager run (1 rank, 1 and 128 tokens) and a
+# host_overhead.py run; the medians per side are summarised.
+eager_ab() {
+  local rounds=${A2A_EAGER_AB_ROUNDS:-3} i side dir commit order
+  mkdir -p "$OUT/eager_ab"
+  for ((i = 1; i <= rounds; i++)); do
+    order="before after"; ((i % 2)) || order="after before"
+    for side in $order; do
+      if [ "$side" = after ]; then dir=$ROOT; commit=$AFTER_COMMIT; ((AFTER_OK)) || continue
+      else dir=$BEFORE; commit=$BEFORE_REF; ((BEFORE_OK)) || continue; fi
+      A2A_COMMIT="$commit" run_step "eager A/B $side #$i" 20 60 "$dir" "$PY" benchmarks/bench_a2a.py \
+        --shapes deepseek_v3 --dtypes "$DTYPES" --routing uniform --tokens 1,128 --ep-size 1 \
+        --impls a2a_one_sided --modes eager --iters 200 --warmup 20 \
+        --out "$OUT/eager_ab/bench_${side}_$i.json"
+      run_step "eager A/B host $side #$i" 15 60 "$dir" "$PY" benchmarks/host_overhead.py \
+        --tokens 1 --dtype fp8 --iters 300 --json "$OUT/eager_ab/host_${side}_$i.json"
+    done
+  done
+  "$PY" - "$OUT/eager_ab" <<'EOF_AB' >> "$SUMMARY" 2>&1
+import json, sys
+from pathlib import Path
+root = Path(sys.argv[1])
+print("## eager A/B, interleaved processes (us; one value per process, in run order)")
+for side in ("before", "after"):
+    runs = sorted(root.glob(f"bench_{side}_*.json"))
+    rows = [json.loads(p.read_text())["rows"] for p in runs]
+    for tokens in (1, 128):
+        vals = [r["median_us"] for rs in rows for r in rs if r["op"] == "round_trip"
+                and r["tokens_per_rank"] == tokens]
+        print(f"{side:>6} eager round trip (events), {tokens} tok: {vals}")
+    hosts = [json.loads(p.read_text()) for p in sorted(root.glob(f"host_{side}_*.json"))]
+    for field in ("host_us_per_round_trip", "raw_planned_us", "python_only_us",
+                  "torch_op_floor_us"):
+        print(f"{side:>6} {field}: {[h.get(field) for h in hosts]}")
+EOF_AB
+  (cd "$OUT" && tar czf eager_ab.tgz eager_ab && rm -rf eager_ab)
+}
+if want eagerab; then eager_ab; fi
 
 # ---------------------------------------------------------------- 4. tests
 if ((AFTER_OK)) && want tests; then
