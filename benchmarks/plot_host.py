@@ -1,9 +1,12 @@
 """Bar chart of ``latency_session.sh``'s ``host.json``: eager host time per round trip.
 
-    python benchmarks/plot_host.py RESULTS/host.json RESULTS/host.png [--target 25]
+    python benchmarks/plot_host.py RESULTS/host.json --png RESULTS/host.png [--target 25]
+    python benchmarks/plot_host.py RESULTS/eager_ab/host_*.json --png RESULTS/eager_ab.png
 
 ``host.json`` maps each measuring process (``before``, ``after``, ``after_2``) to
-``host_overhead.py``'s fields. One group of bars per process: the round trip
+``host_overhead.py``'s fields; a file holding those fields itself (one
+``host_overhead.py --json`` output) is one process named by its file stem. One
+group of bars per process, in the order given: the round trip
 (``dispatch`` + ``combine``), the same with ``combine(out=...)``, the two planned
 and the two general ops alone, our Python alone, and one trivial torch op (the
 dispatcher + launch floor). Every bar is host wall clock, median of 5
@@ -56,12 +59,15 @@ def plot(host: dict[str, dict], png: Path, target_us: float | None, title: str) 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("host_json", type=Path)
-    p.add_argument("png", type=Path)
+    p.add_argument("inputs", type=Path, nargs="+", help="host.json or host_overhead.py JSON files")
+    p.add_argument("--png", type=Path, required=True)
     p.add_argument("--target", type=float, default=25.0, help="round-trip target, us (0: none)")
     p.add_argument("--title", default="eager host time per round trip, 1 token, fp8, one rank")
     args = p.parse_args(argv)
-    host = json.loads(args.host_json.read_text())
+    host = {}
+    for path in args.inputs:
+        doc = json.loads(path.read_text())
+        host.update({path.stem: doc} if "host_us_per_round_trip" in doc else doc)
     plot(host, args.png, args.target or None, args.title)
     print(f"wrote {args.png}")
 

@@ -109,5 +109,9 @@ def test_host_plot_draws_every_process_of_a_host_json(tmp_path):
     host = tmp_path / "host.json"
     host.write_text(json.dumps({"before": {**fields, "raw_planned_us": None}, "after": fields}))
     png = tmp_path / "host.png"
-    plot_host.main([str(host), str(png)])
+    plot_host.main([str(host), "--png", str(png)])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    single = tmp_path / "host_after_1.json"  # one host_overhead.py --json output
+    single.write_text(json.dumps(fields))
+    plot_host.main([str(single), str(host), "--png", str(png)])
+    assert png.stat().st_size > 0
