@@ -164,21 +164,25 @@ fi
 # ---------------------------------------------------------------- 2. benchmarks
 BENCH_ARGS=(--shapes deepseek_v3 --dtypes "$DTYPES" --routing uniform --tokens 1,128,1024,4096
             --ep-size 8 --impls a2a_one_sided --modes eager,graph,kernel --iters 30 --warmup 5)
+# side_of SIDE: sets SIDE_DIR and SIDE_COMMIT of "before" or "after"; fails when
+# that side's extension did not build.
+side_of() {
+  if [ "$1" = after ]; then SIDE_DIR=$ROOT; SIDE_COMMIT=$AFTER_COMMIT; ((AFTER_OK))
+  else SIDE_DIR=$BEFORE; SIDE_COMMIT=$BEFORE_REF; ((BEFORE_OK)); fi
+}
 bench() {  # bench SIDE RUN
-  local side=$1 run=$2 dir commit
-  if [ "$side" = after ]; then dir=$ROOT; commit=$AFTER_COMMIT; ((AFTER_OK)) || return 0
-  else dir=$BEFORE; commit=$BEFORE_REF; ((BEFORE_OK)) || return 0; fi
-  A2A_COMMIT="$commit" run_step "bench $side #$run" 60 150 "$dir" \
+  local side=$1 run=$2
+  side_of "$side" || return 0
+  A2A_COMMIT="$SIDE_COMMIT" run_step "bench $side #$run" 60 150 "$SIDE_DIR" \
     "$PY" benchmarks/bench_a2a.py "${BENCH_ARGS[@]}" --out "$OUT/${side}_${run}.json"
 }
 if want bench1; then bench before 1; bench after 1; fi
 
 # ---------------------------------------------------------------- 3. host time
 host() {  # host SIDE [SUFFIX]
-  local side=$1 suffix=${2:-} dir
-  if [ "$side" = after ]; then dir=$ROOT; ((AFTER_OK)) || return 0
-  else dir=$BEFORE; ((BEFORE_OK)) || return 0; fi
-  run_step "host overhead $side" 30 60 "$dir" "$PY" benchmarks/host_overhead.py \
+  local side=$1 suffix=${2:-}
+  side_of "$side" || return 0
+  run_step "host overhead $side" 30 60 "$SIDE_DIR" "$PY" benchmarks/host_overhead.py \
     --tokens 1 --dtype fp8 --iters 300 --json "$WORK/host_$side$suffix.json"
 }
 if want host; then host before; host after; fi
@@ -190,18 +194,17 @@ if want host; then host before; host after; fi
 # after-before), each a bench_a2a.py eager run (1 rank, 1 and 128 tokens) and a
 # host_overhead.py run; the medians per side are summarised.
 eager_ab() {
-  local rounds=${A2A_EAGER_AB_ROUNDS:-3} i side dir commit order
+  local rounds=${A2A_EAGER_AB_ROUNDS:-3} i side order
   mkdir -p "$OUT/eager_ab"
   for ((i = 1; i <= rounds; i++)); do
     order="before after"; ((i % 2)) || order="after before"
     for side in $order; do
-      if [ "$side" = after ]; then dir=$ROOT; commit=$AFTER_COMMIT; ((AFTER_OK)) || continue
-      else dir=$BEFORE; commit=$BEFORE_REF; ((BEFORE_OK)) || continue; fi
-      A2A_COMMIT="$commit" run_step "eager A/B $side #$i" 20 60 "$dir" "$PY" benchmarks/bench_a2a.py \
+      side_of "$side" || continue
+      A2A_COMMIT="$SIDE_COMMIT" run_step "eager A/B $side #$i" 20 60 "$SIDE_DIR" "$PY" benchmarks/bench_a2a.py \
         --shapes deepseek_v3 --dtypes "$DTYPES" --routing uniform --tokens 1,128 --ep-size 1 \
         --impls a2a_one_sided --modes eager --iters 200 --warmup 20 \
         --out "$OUT/eager_ab/bench_${side}_$i.json"
-      run_step "eager A/B host $side #$i" 15 60 "$dir" "$PY" benchmarks/host_overhead.py \
+      run_step "eager A/B host $side #$i" 15 60 "$SIDE_DIR" "$PY" benchmarks/host_overhead.py \
         --tokens 1 --dtype fp8 --iters 300 --json "$OUT/eager_ab/host_${side}_$i.json"
     done
   done
