@@ -3,8 +3,10 @@
 One GPU (default): our kernels with ``--ep-size`` logical ranks on the GPU (and at
 one rank), every baseline at one rank (NCCL group of size 1), and the device
 copy bandwidth as the limit. N GPUs: ``torchrun --nproc-per-node N
-benchmarks/bench_a2a.py ...``: one process per GPU, our workspace in torch
-symmetric memory, baselines over NCCL, limit = measured peer copy bandwidth.
+benchmarks/bench_a2a.py ...`` or ``mpirun -np N python benchmarks/bench_a2a.py
+...`` (the store address agreed over MPI, :mod:`vllm_a2a_plugin.testing.launcher`):
+one process per GPU, our workspace in torch symmetric memory, baselines over
+NCCL, limit = measured peer copy bandwidth.
 
 Writes ``benchmarks/results/<machine>/<name>.json`` (command, commit, gpu,
 world_size, torch, rows) and plots with ``benchmarks/plot_results.py``.
@@ -566,12 +568,13 @@ def flashinfer_rows(args, shape, dtype, tokens, kind, group, gen, device):
 
 def main(argv=None):
     args = parse_args(argv)
-    distributed = "WORLD_SIZE" in os.environ
-    if distributed:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-        dist.init_process_group("nccl", device_id=device)
+    from vllm_a2a_plugin.testing import launcher
+
+    launch = launcher.detect()
+    if launch is not None:  # torchrun or mpirun: one process per GPU
+        device = torch.device("cuda", launch.local_rank)
+        torch.cuda.set_device(device)
+        launcher.init_process_group("nccl", launch, device_id=device)
     else:
         device = torch.device("cuda", 0)
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -43,7 +43,9 @@ fi
 # CUDA, a visible GPU and a complete CUDA toolkit (CUDA_HOME); elsewhere a CPU-only
 # extension is built and a GPU machine JIT-builds the kernels on first use.
 # VLLM_A2A_BUILD_KERNELS=yes compiles them here anyway (no GPU needed).
-"${PIP[@]}" --no-build-isolation -e ".[dev]"
+# The mpi extra (mpi4py + MPICH's pip wheel, ~15 MB, with its mpirun in the venv's
+# bin/) lets benchmarks and multi-rank tests start under mpirun as under torchrun.
+"${PIP[@]}" --no-build-isolation -e ".[dev,mpi]"
 "$VENV/bin/python" - <<'PY'
 import vllm
 from vllm_a2a_plugin import ops

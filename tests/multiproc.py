@@ -1,6 +1,12 @@
 """One reusable multi-rank harness (pplx-kernels' distributed_utils pattern):
 spawned processes, a free port, gloo on CPU, ``[rankN]`` log prefixes, cleanup
-in ``finally``, and every failure re-raised in the parent with its traceback."""
+in ``finally``, and every failure re-raised in the parent with its traceback.
+
+Under a launcher (``mpirun -np N python -m pytest ...`` or ``torchrun
+--nproc-per-node N -m pytest ...``) every rank already is a process running the
+same tests in the same order, so :func:`run_ranks` runs ``fn`` in this process
+as the launcher's rank instead of spawning, with the store address agreed over
+MPI (:mod:`vllm_a2a_plugin.testing.launcher`)."""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ from collections.abc import Callable
 
 import torch.multiprocessing as mp
 
+from vllm_a2a_plugin.testing import launcher
 from vllm_a2a_plugin.testing.serve import free_port
 
 
@@ -49,8 +56,33 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, err
             dist.destroy_process_group()
 
 
+def _run_launched(launch: launcher.Launch, fn: Callable, world_size: int, args: tuple) -> None:
+    """This process is rank ``launch.rank`` of a launched job: run its share."""
+    import torch.distributed as dist
+
+    if launch.world_size != world_size:
+        raise AssertionError(f"this test needs {world_size} ranks; the {launch.launcher} "
+                             f"launch has {launch.world_size}")
+    # A fresh store address per test: consecutive process groups never meet a
+    # store that is still closing.
+    launcher.export_env(launch, fresh=True)
+    try:
+        fn(launch.rank, world_size, int(os.environ["MASTER_PORT"]), *args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def run_ranks(fn: Callable, world_size: int, *args, timeout_s: float = 300) -> None:
-    """Run ``fn(rank, world_size, port, *args)`` in ``world_size`` processes."""
+    """Run ``fn(rank, world_size, port, *args)`` in ``world_size`` processes.
+
+    Under mpirun / torchrun, ``fn`` runs here as this process's rank (see the
+    module docstring); ``timeout_s`` then is the launcher's business.
+    """
+    launch = launcher.detect()
+    if launch is not None:
+        _run_launched(launch, fn, world_size, args)
+        return
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
     port = free_port()

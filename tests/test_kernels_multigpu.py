@@ -1,8 +1,12 @@
 """Our kernels across processes, one GPU each, peer memory from torch symmetric
-memory (issue 7/8). Every rank builds every rank's inputs from one seed and
-checks its own outputs against the reference.
+memory. Every rank builds every rank's inputs from one seed and checks its own
+outputs against the reference.
 
-``A2A_TEST_WORLD=N`` sets the process count (default: the GPUs visible). One
+``pytest tests/test_kernels_multigpu.py`` spawns one process per GPU;
+``mpirun -np N python -m pytest tests/test_kernels_multigpu.py`` (or torchrun)
+runs each rank's share in the launched processes instead (tests/multiproc.py).
+``A2A_TEST_WORLD=N`` sets the process count (default: the launch's ranks, else
+the GPUs visible). One
 GPU shared by several processes is no substitute: torch symmetric memory
 refuses it ("detected allocations from overlapping devices from different
 ranks", tried on an H100), so these need as many GPUs as ranks.
@@ -20,14 +24,20 @@ from tests.multiproc import run_ranks
 
 pytestmark = pytest.mark.multigpu
 
-# (dispatch dtype, top-k, experts): issue 8 asks for top-k 8 and 16 with 256 and 384
-# experts in bf16 and fp8; every top-k 1..16 has its own test below.
+# (dispatch dtype, top-k, experts): top-k 8 and 16 with 256 and 384 experts in bf16
+# and fp8, as DeepSeek-V3 / Qwen3 shapes; every top-k 1..16 has its own test below.
 CASES = [(torch.bfloat16, 8, 256), (torch.float8_e4m3fn, 8, 384), (torch.bfloat16, 16, 256),
          (torch.float8_e4m3fn, 16, 384), (torch.float16, 3, 64)]
 
 
 def _world() -> int:
-    return int(os.environ.get("A2A_TEST_WORLD", torch.cuda.device_count()))
+    """A2A_TEST_WORLD, else the ranks of an mpirun / torchrun launch (each rank
+    then runs these tests as itself, tests/multiproc.py), else the GPUs."""
+    from vllm_a2a_plugin.testing import launcher
+
+    launch = launcher.detect()
+    default = launch.world_size if launch is not None else torch.cuda.device_count()
+    return int(os.environ.get("A2A_TEST_WORLD", default))
 
 
 def _skip_reason() -> str | None:
