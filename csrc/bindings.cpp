@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "launch.h"
+#include "watchdog.h"
 #include "workspace_layout.h"
 
 #ifdef A2A_WITH_CUDA
@@ -89,6 +90,7 @@ std::vector<int64_t> header_field_offsets() {
       static_cast<int64_t>(offsetof(WorkspaceHeader, sender_runtime_tokens)),
       static_cast<int64_t>(offsetof(WorkspaceHeader, dispatch_epoch)),
       static_cast<int64_t>(offsetof(WorkspaceHeader, combine_epoch)),
+      static_cast<int64_t>(offsetof(WorkspaceHeader, aborted)),
       static_cast<int64_t>(sizeof(WorkspaceHeader)),
   };
 }
@@ -113,7 +115,8 @@ void check_cuda_tensor(const at::Tensor& t, const char* name, const at::Device& 
 // launch plan (and on every call of the unplanned ops).
 CommonParams make_static_common(const at::Tensor& workspace, c10::IntArrayRef peer_ptrs,
                                 int64_t rank, const at::Tensor& expert_owner,
-                                int64_t error_record_ptr, const WorkspaceSpec& spec,
+                                int64_t error_record_ptr, int64_t abort_word_ptr,
+                                const WorkspaceSpec& spec,
                                 int64_t max_blocks, int64_t threads_per_block, int64_t timeout_ns) {
   const at::Device device = workspace.device();
   TORCH_CHECK(workspace.is_cuda() && workspace.scalar_type() == at::kByte && workspace.dim() == 1,
@@ -146,6 +149,9 @@ CommonParams make_static_common(const at::Tensor& workspace, c10::IntArrayRef pe
   p.layout = layout;
   p.expert_owner = expert_owner.data_ptr<int32_t>();
   p.error_record = reinterpret_cast<int32_t*>(error_record_ptr);
+  // 0: no abort word (raw op calls without a watchdog); waits then end only
+  // when the peer arrives or the timeout passes.
+  p.abort_word = reinterpret_cast<const int32_t*>(abort_word_ptr);
   p.timeout_ns = static_cast<uint64_t>(timeout_ns);
   p.max_blocks = static_cast<int>(max_blocks);
   p.threads_per_block = static_cast<int>(threads_per_block);
@@ -219,7 +225,8 @@ void dispatch(at::Tensor& workspace, c10::IntArrayRef peer_ptrs, int64_t rank,
               const std::optional<at::Tensor>& topk_weights, const at::Tensor& expert_owner,
               const at::Tensor& pad_ids, int64_t error_record_ptr, int64_t max_tokens_per_rank,
               int64_t runtime_max_tokens, int64_t combine_row_bytes, int64_t phases,
-              int64_t max_blocks, int64_t threads_per_block, int64_t timeout_ns) {
+              int64_t max_blocks, int64_t threads_per_block, int64_t timeout_ns,
+              int64_t abort_word_ptr) {
   const c10::cuda::CUDAGuard guard(workspace.device());
   std::vector<int64_t> row_bytes;
   for (const at::Tensor& payload : payloads) row_bytes.push_back(row_bytes_of(payload));
@@ -227,8 +234,9 @@ void dispatch(at::Tensor& workspace, c10::IntArrayRef peer_ptrs, int64_t rank,
                                        topk_ids.dim() == 2 ? topk_ids.size(1) : 0, row_bytes,
                                        combine_row_bytes);
   DispatchParams dp{};
-  dp.common = make_static_common(workspace, peer_ptrs, rank, expert_owner, error_record_ptr, spec,
-                                 max_blocks, threads_per_block, timeout_ns);
+  dp.common = make_static_common(workspace, peer_ptrs, rank, expert_owner, error_record_ptr,
+                                 abort_word_ptr, spec, max_blocks, threads_per_block,
+                                 timeout_ns);
   set_call(dp.common, topk_ids, workspace.device(), spec, runtime_max_tokens, phases);
   set_dispatch_inputs(dp, payloads, topk_weights, topk_ids, pad_ids, workspace.device());
   const int err = launch_dispatch(dp, at::cuda::getCurrentCUDAStream(workspace.device().index()));
@@ -239,7 +247,7 @@ void combine(at::Tensor& workspace, c10::IntArrayRef peer_ptrs, int64_t rank,
              const at::Tensor& topk_ids, const at::Tensor& expert_owner, at::Tensor& out,
              int64_t error_record_ptr, int64_t max_tokens_per_rank, int64_t runtime_max_tokens,
              c10::IntArrayRef payload_row_bytes, int64_t phases, int64_t max_blocks,
-             int64_t threads_per_block, int64_t timeout_ns) {
+             int64_t threads_per_block, int64_t timeout_ns, int64_t abort_word_ptr) {
   const c10::cuda::CUDAGuard guard(workspace.device());
   TORCH_CHECK(out.dim() == 2, "out must be [num_tokens, hidden]");
   const WorkspaceSpec spec =
@@ -247,8 +255,9 @@ void combine(at::Tensor& workspace, c10::IntArrayRef peer_ptrs, int64_t rank,
                 topk_ids.dim() == 2 ? topk_ids.size(1) : 0, payload_row_bytes,
                 out.size(1) * out.element_size());
   CombineParams cp{};
-  cp.common = make_static_common(workspace, peer_ptrs, rank, expert_owner, error_record_ptr, spec,
-                                 max_blocks, threads_per_block, timeout_ns);
+  cp.common = make_static_common(workspace, peer_ptrs, rank, expert_owner, error_record_ptr,
+                                 abort_word_ptr, spec, max_blocks, threads_per_block,
+                                 timeout_ns);
   set_call(cp.common, topk_ids, workspace.device(), spec, runtime_max_tokens, phases);
   set_combine_output(cp, out, topk_ids, workspace.device());
   const int err = launch_combine(cp, at::cuda::getCurrentCUDAStream(workspace.device().index()));
@@ -313,7 +322,8 @@ int64_t make_launch_plan(const at::Tensor& workspace, c10::IntArrayRef peer_ptrs
                          const at::Tensor& expert_owner, const at::Tensor& pad_ids,
                          int64_t error_record_ptr, int64_t max_tokens_per_rank, int64_t top_k,
                          at::TensorList payload_like, const at::Tensor& out_like,
-                         int64_t max_blocks, int64_t threads_per_block, int64_t timeout_ns) {
+                         int64_t max_blocks, int64_t threads_per_block, int64_t timeout_ns,
+                         int64_t abort_word_ptr) {
   auto plan = std::make_shared<LaunchPlan>();
   std::vector<int64_t> payload_row_bytes;
   for (const at::Tensor& like : payload_like) {
@@ -325,7 +335,8 @@ int64_t make_launch_plan(const at::Tensor& workspace, c10::IntArrayRef peer_ptrs
   plan->spec = make_spec(static_cast<int64_t>(peer_ptrs.size()), max_tokens_per_rank, top_k,
                          payload_row_bytes, row_bytes_of(out_like));
   plan->common = make_static_common(workspace, peer_ptrs, rank, expert_owner, error_record_ptr,
-                                    plan->spec, max_blocks, threads_per_block, timeout_ns);
+                                    abort_word_ptr, plan->spec, max_blocks,
+                                    threads_per_block, timeout_ns);
   check_cuda_tensor(pad_ids, "pad_ids", workspace.device());
   TORCH_CHECK(pad_ids.scalar_type() == at::kInt && pad_ids.numel() == plan->spec.ep_size,
               "pad_ids must be int32 [ep_size]");
@@ -408,6 +419,17 @@ int64_t error_record_device_address(const at::Tensor& record) {
   return reinterpret_cast<int64_t>(device_ptr);
 }
 
+// The same for the process's abort word (watchdog_abi.h), which the kernels
+// only read.
+int64_t abort_word_device_address(const at::Tensor& word) {
+  TORCH_CHECK(word.device().is_cpu() && word.is_pinned() && word.scalar_type() == at::kInt &&
+                  word.numel() >= kAbortWordSize,
+              "the abort word must be a pinned int32 CPU tensor of ", kAbortWordSize, " elements");
+  void* device_ptr = nullptr;
+  C10_CUDA_CHECK(cudaHostGetDevicePointer(&device_ptr, word.data_ptr(), 0));
+  return reinterpret_cast<int64_t>(device_ptr);
+}
+
 int64_t combine_max_resident_blocks_op(int64_t device, int64_t threads_per_block) {
   return combine_max_resident_blocks(static_cast<int>(device), static_cast<int>(threads_per_block));
 }
@@ -420,6 +442,88 @@ int64_t max_threads_per_block_op(int64_t device) {
 }
 
 #endif  // A2A_WITH_CUDA
+
+// ------------------------------------------------------------------ watchdog
+// Watchdogs by handle (watchdog.h), in both builds: the thread is host code.
+
+struct WatchdogRegistry {
+  std::mutex mutex;
+  std::unordered_map<int64_t, std::shared_ptr<PeerWatchdog>> watchdogs;
+  int64_t next_id = 1;
+};
+
+WatchdogRegistry& watchdog_registry() {
+  static WatchdogRegistry registry;
+  return registry;
+}
+
+std::shared_ptr<PeerWatchdog> find_watchdog(int64_t id) {
+  WatchdogRegistry& registry = watchdog_registry();
+  const std::lock_guard<std::mutex> lock(registry.mutex);
+  const auto it = registry.watchdogs.find(id);
+  TORCH_CHECK(it != registry.watchdogs.end(), "watchdog ", id, " does not exist (stopped?)");
+  return it->second;
+}
+
+int64_t watchdog_segment_bytes_op(int64_t num_ranks) {
+  TORCH_CHECK(num_ranks >= 1 && num_ranks <= kMaxRanks, "num_ranks (", num_ranks,
+              ") must be in [1, ", kMaxRanks, "]");
+  return watchdog_segment_bytes(num_ranks);
+}
+
+// `abort_word`: the process's int32[kAbortWordSize] CPU tensor (pinned where
+// CUDA is present); the caller keeps it alive until watchdog_stop.
+int64_t watchdog_start(const std::string& path, int64_t num_ranks, c10::IntArrayRef my_ranks,
+                       const at::Tensor& abort_word, int64_t interval_ns, int64_t tick_ns) {
+  TORCH_CHECK(num_ranks >= 1 && num_ranks <= kMaxRanks, "num_ranks (", num_ranks,
+              ") must be in [1, ", kMaxRanks, "]");
+  TORCH_CHECK(abort_word.device().is_cpu() && abort_word.scalar_type() == at::kInt &&
+                  abort_word.is_contiguous() && abort_word.numel() >= kAbortWordSize,
+              "abort_word must be a contiguous int32 CPU tensor of ", kAbortWordSize, " elements");
+  TORCH_CHECK(interval_ns > 0 && tick_ns > 0 && tick_ns <= interval_ns,
+              "need 0 < tick_ns (", tick_ns, ") <= interval_ns (", interval_ns, ")");
+  std::vector<int> mine;
+  for (const int64_t r : my_ranks) {
+    TORCH_CHECK(r >= 0 && r < num_ranks, "rank ", r, " outside [0, ", num_ranks, ")");
+    mine.push_back(static_cast<int>(r));
+  }
+  TORCH_CHECK(!mine.empty(), "a watchdog needs at least one rank of its own");
+  std::shared_ptr<PeerWatchdog> watchdog;
+  try {
+    watchdog = std::make_shared<PeerWatchdog>(path, static_cast<int>(num_ranks), mine,
+                                              abort_word.data_ptr<int32_t>(), interval_ns, tick_ns);
+  } catch (const std::runtime_error& e) {
+    TORCH_CHECK(false, e.what());
+  }
+  WatchdogRegistry& registry = watchdog_registry();
+  const std::lock_guard<std::mutex> lock(registry.mutex);
+  const int64_t id = registry.next_id++;
+  registry.watchdogs.emplace(id, std::move(watchdog));
+  return id;
+}
+
+void watchdog_stop(int64_t id, bool depart) {
+  std::shared_ptr<PeerWatchdog> watchdog;
+  {
+    WatchdogRegistry& registry = watchdog_registry();
+    const std::lock_guard<std::mutex> lock(registry.mutex);
+    const auto it = registry.watchdogs.find(id);
+    if (it == registry.watchdogs.end()) return;  // stopping twice is fine
+    watchdog = it->second;
+    registry.watchdogs.erase(it);
+  }
+  watchdog->stop(depart);
+}
+
+void watchdog_pause(int64_t id, int64_t rank, bool paused) {
+  const auto watchdog = find_watchdog(id);
+  TORCH_CHECK(rank >= 0 && rank < kMaxRanks, "rank (", rank, ") out of range");
+  watchdog->pause(static_cast<int>(rank), paused);
+}
+
+void watchdog_clear_group(int64_t id) { find_watchdog(id)->clear_group(); }
+void watchdog_rearm(int64_t id) { find_watchdog(id)->rearm(); }
+std::vector<int64_t> watchdog_state(int64_t id) { return find_watchdog(id)->state(); }
 
 bool built_with_cuda() {
 #ifdef A2A_WITH_CUDA
@@ -439,15 +543,24 @@ TORCH_LIBRARY(a2a_one_sided, m) {
   m.def("header_field_offsets() -> int[]", &a2a::header_field_offsets);
   m.def("limits() -> int[]", &a2a::limits);
   m.def("built_with_cuda() -> bool", &a2a::built_with_cuda);
+  m.def("watchdog_segment_bytes(int num_ranks) -> int", &a2a::watchdog_segment_bytes_op);
+  m.def("watchdog_start(str path, int num_ranks, int[] my_ranks, Tensor abort_word, "
+        "int interval_ns, int tick_ns) -> int",
+        &a2a::watchdog_start);
+  m.def("watchdog_stop(int watchdog, bool depart) -> ()", &a2a::watchdog_stop);
+  m.def("watchdog_pause(int watchdog, int rank, bool paused) -> ()", &a2a::watchdog_pause);
+  m.def("watchdog_clear_group(int watchdog) -> ()", &a2a::watchdog_clear_group);
+  m.def("watchdog_rearm(int watchdog) -> ()", &a2a::watchdog_rearm);
+  m.def("watchdog_state(int watchdog) -> int[]", &a2a::watchdog_state);
   m.def("dispatch(Tensor(a!) workspace, int[] peer_ptrs, int rank, Tensor[] payloads, "
         "Tensor topk_ids, Tensor? topk_weights, Tensor expert_owner, Tensor pad_ids, "
         "int error_record_ptr, int max_tokens_per_rank, int runtime_max_tokens, "
         "int combine_row_bytes, int phases, int max_blocks, int threads_per_block, "
-        "int timeout_ns) -> ()");
+        "int timeout_ns, int abort_word_ptr=0) -> ()");
   m.def("combine(Tensor(a!) workspace, int[] peer_ptrs, int rank, Tensor topk_ids, "
         "Tensor expert_owner, Tensor(b!) out, int error_record_ptr, int max_tokens_per_rank, "
         "int runtime_max_tokens, int[] payload_row_bytes, int phases, int max_blocks, "
-        "int threads_per_block, int timeout_ns) -> ()");
+        "int threads_per_block, int timeout_ns, int abort_word_ptr=0) -> ()");
   // The same two launches with a launch plan's fixed arguments (make_launch_plan).
   m.def("dispatch_planned(int plan, Tensor(a!) workspace, Tensor x, Tensor? x_scales, "
         "Tensor topk_ids, Tensor? topk_weights, int runtime_max_tokens, int phases) -> ()");
@@ -457,12 +570,13 @@ TORCH_LIBRARY(a2a_one_sided, m) {
   m.def("make_launch_plan(Tensor workspace, int[] peer_ptrs, int rank, Tensor expert_owner, "
         "Tensor pad_ids, int error_record_ptr, int max_tokens_per_rank, int top_k, "
         "Tensor[] payload_like, Tensor out_like, int max_blocks, int threads_per_block, "
-        "int timeout_ns) -> int",
+        "int timeout_ns, int abort_word_ptr=0) -> int",
         &a2a::make_launch_plan);
   m.def("free_launch_plan(int plan) -> ()", &a2a::free_launch_plan);
   m.def("combine_max_resident_blocks(int device, int threads_per_block) -> int",
         &a2a::combine_max_resident_blocks_op);
   m.def("error_record_device_address(Tensor record) -> int", &a2a::error_record_device_address);
+  m.def("abort_word_device_address(Tensor word) -> int", &a2a::abort_word_device_address);
   m.def("max_threads_per_block(int device) -> int", &a2a::max_threads_per_block_op);
 #endif
 }

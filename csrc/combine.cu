@@ -199,6 +199,9 @@ __global__ void combine_kernel(const __grid_constant__ CombineParams cp) {
   const CommonParams& p = cp.common;
   WorkspaceHeader* my_hdr = header_of(p, p.rank);
   const uint32_t epoch = *reinterpret_cast<volatile uint32_t*>(&my_hdr->dispatch_epoch);
+  // A peer was lost: a no-op (blocks are independent here, so a block that sees
+  // the mark another block of this launch just set may leave too).
+  if (rank_aborted(my_hdr)) return;
 
   if ((p.phases & kPhaseSend) && blockIdx.x == 0) raise_combine_flags(p, epoch);
   if (!(p.phases & kPhaseWait)) return;

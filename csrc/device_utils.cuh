@@ -23,6 +23,7 @@
 #include <cstdio>
 
 #include "launch.h"
+#include "watchdog_abi.h"
 #include "workspace_layout.h"
 
 namespace a2a {
@@ -84,15 +85,59 @@ __device__ inline void report_error(const CommonParams& p, int status, int peer,
          phase == 0 ? "dispatch" : "combine", epoch);
 }
 
-// Spin until *flag == expected or the timeout passes. Returns false on timeout
-// (after recording it); the caller then gives up instead of hanging forever.
+// How often a spinning wait reads the abort word. It lives in host memory (the
+// watchdog thread writes it), so each read is a PCIe round trip (~1-2 us): never
+// on every iteration, and never at all in a wait that ends within this time
+// (every wait of a healthy step), so healthy steps pay nothing. Many waiters
+// (combine: every block) poll at once while a peer is late; at this interval
+// that stays a few million small reads per second, and a lost peer is seen
+// within this time plus one read.
+constexpr uint64_t kAbortPollNs = 20000;
+
+__device__ __forceinline__ int32_t ld_volatile_sys(const int32_t* ptr) {
+  int32_t value;
+  asm volatile("ld.relaxed.sys.global.s32 %0, [%1];" : "=r"(value) : "l"(ptr) : "memory");
+  return value;
+}
+
+// The kernels' half of the abort: record kPeerLost (peer and reason from the
+// abort word) and mark this rank's header so later launches return at entry.
+__device__ inline void take_abort(const CommonParams& p, int waited_for, int phase, uint32_t epoch) {
+  fence_acq_rel_sys();  // the watchdog wrote peer and reason before the state
+  const int32_t lost_peer = ld_volatile_sys(p.abort_word + kAbortPeer);
+  const int32_t reason = ld_volatile_sys(p.abort_word + kAbortReason);
+  header_of(p, p.rank)->aborted = 1;
+  report_error(p, kPeerLost, lost_peer, phase, epoch, reason, waited_for);
+}
+
+// True once a wait of this rank saw the abort word: a launch reads it at entry
+// (beside the epoch it reads anyway, same cache line) and returns at once, so
+// rounds queued behind a lost peer finish as no-ops instead of waiting.
+__device__ __forceinline__ bool rank_aborted(const WorkspaceHeader* hdr) {
+  return *reinterpret_cast<const volatile uint32_t*>(&hdr->aborted) != 0;
+}
+
+// Spin until *flag == expected, the process's abort word is raised (a peer was
+// lost: see watchdog.h), or the timeout passes (the backstop when no watchdog
+// runs, or it missed a hang). Returns false on abort or timeout (after
+// recording it); the caller then gives up instead of hanging forever.
 __device__ inline bool wait_flag(const CommonParams& p, const uint32_t* flag, uint32_t expected,
                                  int peer, int phase) {
   if (ld_acquire_sys(flag) == expected) return true;
   const uint64_t start = global_timer_ns();
+  uint64_t next_poll = start + kAbortPollNs;
   while (true) {
     if (ld_acquire_sys(flag) == expected) return true;
-    if (global_timer_ns() - start > p.timeout_ns) {
+    const uint64_t now = global_timer_ns();
+    if (now >= next_poll) {
+      next_poll = now + kAbortPollNs;
+      // No abort word (0: raw op calls without a watchdog): the timeout only.
+      if (p.abort_word != nullptr && ld_volatile_sys(p.abort_word + kAbortState) != 0) {
+        take_abort(p, peer, phase, expected);
+        return false;
+      }
+    }
+    if (now - start > p.timeout_ns) {
       report_error(p, kTimeout, peer, phase, expected, static_cast<int>(ld_acquire_sys(flag)), 0);
       return false;
     }

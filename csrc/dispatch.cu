@@ -207,6 +207,10 @@ __global__ void dispatch_kernel(const __grid_constant__ DispatchParams dp) {
   // Stable for the whole launch: only the last block's wait phase advances it,
   // after every block has read it (each read it before arriving at the counter).
   const uint32_t epoch = *reinterpret_cast<volatile uint32_t*>(&my_hdr->dispatch_epoch) + 1;
+  // A peer was lost (an earlier wait of this rank saw the abort word): a no-op,
+  // without sending to it. Grid-uniform: only a wait phase sets the mark, and in
+  // a launch with a send phase that runs after every block arrived.
+  if (rank_aborted(my_hdr)) return;
   const bool fused = (p.phases & kPhaseSend) && (p.phases & kPhaseWait);
 
   if (p.phases & kPhaseSend) {

@@ -30,7 +30,16 @@ enum ErrorField : int {
   kErrDetail1 = 6,  // status-specific detail (mismatch: our value; bad id: token index)
   kErrorRecordSize = 8,
 };
-enum ErrorStatus : int { kOk = 0, kTimeout = 1, kRuntimeTokensMismatch = 2, kExpertIdOutOfRange = 3 };
+// kPeerLost: the process's abort word was raised (watchdog.h: a peer's process
+// died or its heartbeat stopped); peer = the lost rank, detail0 = the reason
+// (PeerLostReason), detail1 = the peer this wait was for.
+enum ErrorStatus : int {
+  kOk = 0,
+  kTimeout = 1,
+  kRuntimeTokensMismatch = 2,
+  kExpertIdOutOfRange = 3,
+  kPeerLost = 4,
+};
 
 // A top-k id of -1 means "no expert for this slot": vLLM's routers write it for
 // padding tokens (DP and CUDA-graph padding, VLLM_MOE_SKIP_PADDING). The slot is
@@ -49,6 +58,7 @@ struct CommonParams {
   const int32_t* topk_ids;      // [T_r, top_k] global expert ids, or kNoExpert
   const int32_t* expert_owner;  // [num_experts] rank owning each (physical) expert
   int32_t* error_record;        // device alias of host-mapped int32[kErrorRecordSize]
+  const int32_t* abort_word;    // device alias of the process's host-mapped abort word (watchdog.h)
   uint64_t timeout_ns;
   int phases;
   int max_blocks;           // grid cap; the launcher sizes the grid to the work below it

@@ -37,6 +37,8 @@ struct alignas(128) WorkspaceHeader {
                                               // the combine that completes the round (combine.cu)
   uint32_t combine_epoch;                     // combines this rank completed (a count, not a protocol word)
   uint32_t dispatch_blocks_done;              // blocks of the running dispatch launch that finished sending
+  uint32_t aborted;                           // nonzero once a wait of this rank saw the abort word:
+                                              // later launches return at entry (recover() zeroes it)
 };
 
 struct WorkspaceSpec {

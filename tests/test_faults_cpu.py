@@ -16,13 +16,16 @@ import torch
 from vllm_a2a_plugin.all_to_all import OneSidedAllToAll, error_from_record
 from vllm_a2a_plugin.config import A2AConfig
 from vllm_a2a_plugin.errors import (A2ADeviceError, A2AExpertIdError, A2AMismatchError,
-                                    A2ATimeoutError)
+                                    A2APeerLostError, A2AStateError, A2ATimeoutError)
+from vllm_a2a_plugin.watchdog import LOST_HEARTBEAT, LOST_PROCESS_GONE, AbortWord
 from vllm_a2a_plugin.workspace import AllToAllSpec
 
 # status, rank, peer, phase, epoch, detail0, detail1, unused
 TIMEOUT = [1, 2, 5, 1, 7, 6, 0, 0]
 MISMATCH = [2, 0, 3, 0, 4, 16, 8, 0]
 BAD_ID = [3, 1, -1, 0, 0, 1 << 20, 5, 0]
+# rank 0 left its combine wait for peer 1 at epoch 9: rank 2's process is gone
+PEER_LOST = [4, 0, 2, 1, 9, LOST_PROCESS_GONE, 1, 0]
 
 
 def test_timeout_message_names_rank_peer_phase_epoch():
@@ -71,6 +74,21 @@ def test_again_keeps_type_and_fields():
     assert repeat.__cause__ is first
 
 
+def test_peer_lost_message_names_lost_peer_phase_epoch_and_reason():
+    err = error_from_record(PEER_LOST, timeout_s=120)
+    assert isinstance(err, A2APeerLostError) and isinstance(err, A2ADeviceError)
+    assert not isinstance(err, A2ATimeoutError)  # ours, not a generic timeout
+    assert (err.rank, err.peer, err.phase, err.epoch) == (0, 2, "combine", 9)
+    assert err.reason == "its process is gone" and err.waited_for == 1
+    msg = str(err)
+    assert "EP rank 2 was lost (its process is gone); rank 0 stopped combine at epoch 9" in msg
+    assert "while waiting for peer 1" in msg and "VLLM_A2A_PEER_INTERVAL_S" in msg
+    assert "restart the engine" in msg
+    repeat = err.again()
+    assert type(repeat) is A2APeerLostError and repeat.reason == err.reason
+    assert repeat.waited_for == 1 and "raised again" in str(repeat)
+
+
 def _host_only_all_to_all() -> OneSidedAllToAll:
     """The error-state part of a OneSidedAllToAll over a host record (no CUDA)."""
     a2a = object.__new__(OneSidedAllToAll)
@@ -81,6 +99,8 @@ def _host_only_all_to_all() -> OneSidedAllToAll:
     a2a._error_status = ctypes.c_int32.from_address(a2a._error_record.data_ptr())
     a2a._failure = None
     a2a._failure_raised = False
+    a2a.rank = 0
+    a2a._phase = "idle"
     return a2a
 
 
@@ -110,3 +130,34 @@ def test_failure_is_read_without_raising():
     with pytest.raises(A2AExpertIdError) as raised:  # first raise: the original
         a2a.check_errors()
     assert raised.value is err
+
+
+def test_a_raised_abort_word_fails_the_next_call_without_a_kernel_record():
+    """A peer lost between steps: no kernel of this rank was waiting, so the record
+    stays empty; the next call still raises A2APeerLostError, from the abort word."""
+    a2a = _host_only_all_to_all()
+    a2a.abort = AbortWord()
+    a2a._abort_state = a2a.abort.state
+    a2a.check_errors()
+    a2a.abort.raise_lost(1, LOST_HEARTBEAT)
+    with pytest.raises(A2APeerLostError) as raised:
+        a2a.check_errors()
+    err = raised.value
+    assert (err.peer, err.phase, err.epoch, err.waited_for) == (1, "dispatch", 0, -1)
+    assert "heartbeat stopped" in str(err) and "epoch not recorded" in str(err)
+    with pytest.raises(A2APeerLostError, match="raised again"):
+        a2a.check_errors()
+    # recover() refuses while the group has not cleared the word together.
+    with pytest.raises(A2AStateError, match="abort word is still raised"):
+        a2a.recover()
+
+
+def test_a_kernel_record_wins_over_the_abort_word():
+    a2a = _host_only_all_to_all()
+    a2a.abort = AbortWord()
+    a2a._abort_state = a2a.abort.state
+    a2a.abort.raise_lost(2, LOST_PROCESS_GONE)
+    a2a._error_record.copy_(torch.tensor(PEER_LOST, dtype=torch.int32))
+    with pytest.raises(A2APeerLostError) as raised:
+        a2a.check_errors()
+    assert (raised.value.phase, raised.value.epoch, raised.value.waited_for) == ("combine", 9, 1)

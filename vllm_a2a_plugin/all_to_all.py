@@ -27,12 +27,14 @@ from vllm_a2a_plugin.errors import (
     A2AExpertIdError,
     A2AInputError,
     A2AMismatchError,
+    A2APeerLostError,
     A2AStateError,
     A2ATimeoutError,
 )
 from vllm_a2a_plugin.padding import linear_expert_owner, padding_ids_for_ranks
 from vllm_a2a_plugin.validation import (check_dispatch_inputs, check_expert_ids_in_range,
                                         check_tensor, is_capturing)
+from vllm_a2a_plugin.watchdog import AbortWord, process_abort_word, reason_text
 from vllm_a2a_plugin.workspace import AllToAllSpec, Workspace
 
 PHASE_SEND = ops.PHASE_SEND
@@ -41,10 +43,16 @@ PHASE_BOTH = ops.PHASE_BOTH
 
 # Indices into the int32[8] error record (csrc/launch.h ErrorField / ErrorStatus).
 _ERR_STATUS, _ERR_RANK, _ERR_PEER, _ERR_PHASE, _ERR_EPOCH, _ERR_D0, _ERR_D1 = range(7)
-_STATUS_TIMEOUT, _STATUS_MISMATCH, _STATUS_BAD_ID = 1, 2, 3
+_STATUS_TIMEOUT, _STATUS_MISMATCH, _STATUS_BAD_ID, _STATUS_PEER_LOST = 1, 2, 3, 4
 # report_error() claims the record by writing -1, fills the fields, then the status.
 _STATUS_WRITING = -1
 _RECORD_WRITE_WAIT_S = 1.0
+# A raised abort word with an empty record: a kernel of this rank that is
+# waiting polls the word every ~20 us and then records where it stopped (phase,
+# epoch); give it this long before reporting the loss without them.
+_ABORT_RECORD_WAIT_S = 0.2
+# The abort state of objects built without __init__ (benchmarks' CPU stand-ins).
+_NEVER_ABORTED = ctypes.c_int32(0)
 _PHASE_NAMES = {0: "dispatch", 1: "combine"}
 # Receive views kept per runtime M; vLLM's M takes one value per CUDA-graph size
 # (and any value in eager steps), so the cache is bounded.
@@ -110,11 +118,18 @@ class OneSidedAllToAll:
         expert_owner: ``[num_experts]`` int32 rank owning each expert; default
             vLLM's linear placement (``e // (E / P)``).
         config: launch and safety settings.
+        abort: the abort word its kernels' waits poll (a lost peer: see
+            :mod:`vllm_a2a_plugin.watchdog`); default the process's own
+            (:func:`~vllm_a2a_plugin.watchdog.process_abort_word`). A pool
+            gives every all-to-all of its group the pool's word.
     """
+
+    _abort_state = _NEVER_ABORTED
 
     def __init__(self, workspace: Workspace, rank: int, *,
                  expert_owner: torch.Tensor | None = None,
-                 config: A2AConfig | None = None):
+                 config: A2AConfig | None = None,
+                 abort: AbortWord | None = None):
         self.workspace = workspace
         self.spec: AllToAllSpec = workspace.spec
         self.rank = rank
@@ -152,6 +167,9 @@ class OneSidedAllToAll:
         # The status word read through ctypes: a plain host load, no tensor op, so
         # the check before every launch costs well under a microsecond.
         self._error_status = ctypes.c_int32.from_address(self._error_record.data_ptr())
+        self.abort = abort if abort is not None else process_abort_word()
+        self._abort_ptr = self.abort.device_address()
+        self._abort_state = self.abort.state  # a ctypes view, read like the status
         self._failure: A2ADeviceError | None = None  # sticky: see check_errors()
         self._failure_raised = False
         self._phase = "idle"
@@ -351,7 +369,7 @@ class OneSidedAllToAll:
             self._buffer, self.workspace.peer_ptrs, self.rank, payloads, topk_ids,
             topk_weights, self._expert_owner, self._pad_ids, self._error_record_ptr,
             self.spec.max_tokens_per_rank, self._runtime_max_tokens, self._combine_row_bytes,
-            phases, *self._launch_settings())
+            phases, *self._launch_settings(), self._abort_ptr)
 
     def _launch_plan(self) -> int:
         """The launch plan of the current workspace pointers and config.
@@ -384,7 +402,8 @@ class OneSidedAllToAll:
         self._plan = int(torch.ops.a2a_one_sided.make_launch_plan(
             self._buffer, peer_ptrs, self.rank, self._expert_owner, self._pad_ids,
             self._error_record_ptr, spec.max_tokens_per_rank, spec.top_k, payload_like,
-            like(spec.hidden_size, spec.combine_dtype), *self._launch_settings()))
+            like(spec.hidden_size, spec.combine_dtype), *self._launch_settings(),
+            self._abort_ptr))
         self._plan_for = (peer_ptrs, config)
         # Freed with this object; at interpreter exit the process frees everything.
         self._plan_finalizer = weakref.finalize(
@@ -496,7 +515,7 @@ class OneSidedAllToAll:
             self._buffer, self.workspace.peer_ptrs, self.rank, self._topk_ids,
             self._expert_owner, self._combine_dst, self._error_record_ptr,
             self.spec.max_tokens_per_rank, self._runtime_max_tokens, self._payload_row_bytes,
-            phases, *self._launch_settings())
+            phases, *self._launch_settings(), self._abort_ptr)
 
     def _finish_round(self) -> None:
         self._phase = "idle"
@@ -514,14 +533,17 @@ class OneSidedAllToAll:
 
     # ----------------------------------------------------------------- errors
     def check_errors(self) -> None:
-        """Raise if a kernel of this rank recorded an error; cheap, no CUDA call.
+        """Raise if a kernel of this rank recorded an error, or a peer was lost;
+        cheap, no CUDA call.
 
-        Reads one word of the host-mapped error record. The first error is
+        Reads one word of the host-mapped error record and one of the abort
+        word (raised by the peer watchdog: :class:`A2APeerLostError`). The first error is
         kept (sticky): from then on every call of this object (``dispatch``,
         ``combine``, their wait halves, this method) raises it again at once,
         without launching anything, until :meth:`recover`.
         """
-        if self._failure is None and self._error_status.value == 0:
+        if self._failure is None and self._error_status.value == 0 and \
+                self._abort_state.value == 0:
             return
         self._raise_failure()
 
@@ -535,10 +557,25 @@ class OneSidedAllToAll:
 
     def _read_error_record(self) -> A2ADeviceError:
         """The recorded error; waits out a record still being written (status -1)."""
+        if self._error_status.value == 0 and self._abort_state.value != 0:
+            deadline = time.monotonic() + _ABORT_RECORD_WAIT_S
+            while self._error_status.value == 0 and time.monotonic() < deadline:
+                time.sleep(1e-3)
+            if self._error_status.value == 0:
+                return self._peer_lost_without_record()
         deadline = time.monotonic() + _RECORD_WRITE_WAIT_S
         while self._error_status.value == _STATUS_WRITING and time.monotonic() < deadline:
             time.sleep(1e-4)
         rec = [int(v) for v in self._error_record.tolist()]
+        return error_from_record(rec, timeout_s=self.config.timeout_s,
+                                 num_experts=self.spec.num_experts)
+
+    def _peer_lost_without_record(self) -> A2APeerLostError:
+        """The loss as the abort word tells it, when no kernel of this rank was
+        waiting: the phase is the one this rank would run next, the epoch unknown (0)."""
+        peer, reason = self.abort.lost() or (-1, 0)
+        phase = 1 if self._phase in ("dispatched", "combine_sent") else 0
+        rec = [_STATUS_PEER_LOST, self.rank, peer, phase, 0, reason, -1, 0]
         return error_from_record(rec, timeout_s=self.config.timeout_s,
                                  num_experts=self.spec.num_experts)
 
@@ -550,7 +587,8 @@ class OneSidedAllToAll:
         :meth:`synchronize`) first to read the record. Engines exchange this
         across ranks to decide on a collective :meth:`recover`.
         """
-        if self._failure is None and self._error_status.value != 0:
+        if self._failure is None and (self._error_status.value != 0
+                                      or self._abort_state.value != 0):
             self._failure = self._read_error_record()
         return self._failure
 
@@ -576,8 +614,17 @@ class OneSidedAllToAll:
 
         Not recoverable this way: a peer process that died (the group itself
         must be rebuilt) and a CUDA error that poisoned the context (illegal
-        address, trap): those need a new process.
+        address, trap): those need a new process. A raised abort word (a lost
+        peer) must be cleared first, by the group together:
+        ``AllToAllPool.recover()`` (``PeerWatchdog.rearm``), or
+        ``LocalRanks.recover()`` for logical ranks.
         """
+        if self.abort.raised:
+            peer, reason = self.abort.lost()
+            raise A2AStateError(
+                f"EP rank {peer} was lost ({reason_text(reason)}) and this process's abort word "
+                "is still raised: the group clears it together (AllToAllPool.recover(), or "
+                "PeerWatchdog.rearm() on every rank) before recovering its all-to-alls")
         if reinitialize_workspace:
             if len(self.workspace.buffers) > 1:
                 raise A2AStateError(
@@ -666,6 +713,17 @@ def error_from_record(rec: list[int], *, timeout_s: float,
             "were delivered and combined as usual; a token with no valid slot reached no "
             "rank and combines to zeros. Mark a slot without an expert with -1 (as vLLM "
             "does for padding tokens), or enable check_expert_ids." + recovery,
+            **fields)
+    if status == _STATUS_PEER_LOST:
+        waited = rec[_ERR_D1]
+        waiting = (f" while waiting for peer {waited}" if waited >= 0
+                   else " (no wait of this rank was running; epoch not recorded)")
+        return A2APeerLostError(
+            f"a2a_one_sided: EP rank {peer} was lost ({reason_text(rec[_ERR_D0])}); rank {rank} "
+            f"stopped {phase} at epoch {epoch}{waiting}. Seen by the peer watchdog "
+            "(VLLM_A2A_PEER_INTERVAL_S), not the device timeout. A process that is gone cannot "
+            "rejoin: rebuild the group (restart the engine). A peer that was stopped and "
+            "resumed can: call recover() on every rank (AllToAllPool.recover).",
             **fields)
     if status == _STATUS_WRITING:
         return A2ADeviceError(

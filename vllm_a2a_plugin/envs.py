@@ -70,3 +70,16 @@ def single_rank_test_mode() -> bool:
     """``VLLM_A2A_TEST_SINGLE_RANK_EP``: test-only engine mode, see
     :mod:`vllm_a2a_plugin.vllm.single_rank_mode`."""
     return os.environ.get("VLLM_A2A_TEST_SINGLE_RANK_EP", "") not in ("", "0")
+
+
+def peer_interval_seconds(default: float) -> float:
+    """``VLLM_A2A_PEER_INTERVAL_S``: how long a peer's heartbeat may stand still
+    before the watchdog reports it lost (``0`` turns the watchdog off: then only
+    the device timeout ends a wait on a lost peer)."""
+    raw = os.environ.get("VLLM_A2A_PEER_INTERVAL_S")
+    if raw is None or raw == "":
+        return default
+    value = float(raw)
+    if value < 0:
+        raise ValueError(f"VLLM_A2A_PEER_INTERVAL_S must be >= 0, got {raw!r}")
+    return value

@@ -3,8 +3,10 @@
 Every check that can fail before a kernel launch raises ``A2AInputError`` (a
 ``ValueError``) whose message names the argument and prints both values. Errors
 the device reports after the fact (a peer that never arrived, ranks that
-disagree on the step size, an expert id out of range) raise ``A2ADeviceError``
-subclasses built from the host-mapped error record the kernels write.
+disagree on the step size, an expert id out of range, a peer the watchdog saw
+die or stop) raise ``A2ADeviceError`` subclasses built from the host-mapped
+error record the kernels write (or, for a lost peer that no kernel was waiting
+for yet, from the process's abort word).
 
 Device errors are sticky: once an all-to-all object has seen one, every later
 call on it raises the same error at once (no kernel is launched) until
@@ -69,3 +71,32 @@ class A2AMismatchError(A2ADeviceError):
 
 class A2AExpertIdError(A2ADeviceError):
     """A top-k id outside ``[0, num_experts)`` reached the kernels (host check off)."""
+
+
+class A2APeerLostError(A2ADeviceError):
+    """The peer watchdog saw an EP rank lost: its process is gone, or its heartbeat
+    stopped for longer than the interval (``VLLM_A2A_PEER_INTERVAL_S``).
+
+    ``peer`` is the lost rank (the one every survivor names), ``phase`` and
+    ``epoch`` the operation this rank left (epoch 0: no wait of this rank was
+    running when the loss was seen). Extra attributes:
+
+    Attributes:
+        reason: why the peer counts as lost, in words.
+        waited_for: the peer the interrupted wait was for (-1 when none).
+    """
+
+    def __init__(self, message: str, *, rank: int, peer: int, phase: str, epoch: int,
+                 record: tuple[int, ...] | None = None, reason: str | None = None,
+                 waited_for: int | None = None):
+        super().__init__(message, rank=rank, peer=peer, phase=phase, epoch=epoch, record=record)
+        if reason is None or waited_for is None:
+            # again() rebuilds from the base fields: the record holds both (see
+            # all_to_all.error_from_record: detail0 = reason, detail1 = waited for).
+            from vllm_a2a_plugin.watchdog import reason_text
+
+            rec = record or (0,) * 8
+            reason = reason if reason is not None else reason_text(rec[5])
+            waited_for = waited_for if waited_for is not None else rec[6]
+        self.reason = reason
+        self.waited_for = waited_for

@@ -20,6 +20,11 @@ Failures: every rank keeps its own sticky device error (see
 :meth:`LocalRanks.combine` refuse to start while any rank has failed, so one
 rank's error never leaves the others half-launched, and :meth:`LocalRanks.recover`
 resets all of them together.
+
+Lost peers: the ranks share one abort word (every rank is in this process), and
+:meth:`LocalRanks.start_watchdog` runs the peer watchdog over them, one heartbeat
+per logical rank; :meth:`LocalRanks.lose_rank` stops one rank's heartbeat, so a
+simulated lost peer takes the path a stopped peer process takes.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from vllm_a2a_plugin.all_to_all import PHASE_BOTH, PHASE_SEND, DispatchResult, O
 from vllm_a2a_plugin.config import A2AConfig
 from vllm_a2a_plugin.errors import A2ADeviceError, A2AInputError
 from vllm_a2a_plugin.validation import check_expert_ids_in_range, is_capturing
+from vllm_a2a_plugin.watchdog import DEFAULT_INTERVAL_S, AbortWord, PeerWatchdog
 from vllm_a2a_plugin.workspace import AllToAllSpec, Workspace
 
 MODES = ("split", "concurrent")
@@ -62,11 +68,13 @@ class LocalRanks:
         config: launch settings; in concurrent mode ``max_blocks`` is capped so
             that all ranks' combine grids fit on the GPU at once.
         device: CUDA device (default current).
+        abort: the abort word every rank's kernels poll (default: a new one,
+            this object's own).
     """
 
     def __init__(self, spec: AllToAllSpec, *, mode: str = "split",
                  expert_owner: torch.Tensor | None = None, config: A2AConfig | None = None,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, abort: AbortWord | None = None):
         if mode not in MODES:
             raise A2AInputError(f"mode must be one of {MODES}, got {mode!r}")
         self.spec = spec
@@ -81,8 +89,11 @@ class LocalRanks:
             if config.max_blocks == 0 or config.max_blocks > share:
                 config = config.replace(max_blocks=share)
         self.config = config
+        self.abort = abort if abort is not None else AbortWord()
+        self.watchdog: PeerWatchdog | None = None
         self.ranks = [OneSidedAllToAll(self.workspace, r, expert_owner=expert_owner,
-                                       config=config) for r in range(spec.ep_size)]
+                                       config=config, abort=self.abort)
+                      for r in range(spec.ep_size)]
         self._streams = ([torch.cuda.Stream(self.workspace.device) for _ in self.ranks]
                          if mode == "concurrent" else [])
 
@@ -175,10 +186,39 @@ class LocalRanks:
         if failed:
             self.ranks[min(failed)].check_errors()
 
+    def start_watchdog(self, interval_s: float = DEFAULT_INTERVAL_S,
+                       tick_s: float | None = None) -> PeerWatchdog:
+        """Run the peer watchdog over these ranks (one heartbeat per rank, all
+        beaten by this process's watchdog thread); stopped by :meth:`close`."""
+        if self.watchdog is None:
+            self.watchdog = PeerWatchdog.start_local(self.spec.ep_size, abort=self.abort,
+                                                     interval_s=interval_s, tick_s=tick_s)
+        return self.watchdog
+
+    def lose_rank(self, rank: int, lost: bool = True) -> None:
+        """Test hook: stop (``lost=False``: restart) one rank's heartbeat; the
+        watchdog then reports it lost after its interval, as for a stopped process."""
+        if self.watchdog is None:
+            raise A2AInputError("lose_rank needs the watchdog: call start_watchdog() first")
+        self.watchdog.pause_heartbeat(rank, lost)
+
+    def close(self) -> None:
+        """Stop the watchdog (if started)."""
+        if self.watchdog is not None:
+            self.watchdog.stop()
+            self.watchdog = None
+
     def recover(self) -> None:
         """Make every rank usable again after a device error (see
-        :meth:`OneSidedAllToAll.recover`): waits for the device, zeroes every
-        rank's workspace header once, forgets every rank's error and step."""
+        :meth:`OneSidedAllToAll.recover`): clears a lost-peer abort (every rank
+        is here, so the group agrees at once; restart a rank's heartbeat with
+        ``lose_rank(rank, False)`` first, or it is reported lost again), waits
+        for the device, zeroes every rank's workspace header once, forgets every
+        rank's error and step."""
+        if self.watchdog is not None:
+            self.watchdog.rearm()
+        else:
+            self.abort.clear()
         self.workspace.reinitialize()
         for a2a in self.ranks:
             a2a.recover(reinitialize_workspace=False)

@@ -36,7 +36,7 @@ PHASE_WAIT = 2
 PHASE_BOTH = PHASE_SEND | PHASE_WAIT
 
 _SOURCES_CUDA = ("bindings.cpp", "dispatch.cu", "combine.cu")
-_HEADERS = ("workspace_layout.h", "launch.h", "device_utils.cuh")
+_HEADERS = ("workspace_layout.h", "launch.h", "device_utils.cuh", "watchdog.h", "watchdog_abi.h")
 
 
 def csrc_dir() -> Path:
@@ -411,7 +411,7 @@ def header_field_offsets() -> dict[str, int]:
     """Byte offsets of the header's fields (for tests and debugging)."""
     load()
     names = ("dispatch_flags", "combine_flags", "sender_runtime_tokens", "dispatch_epoch",
-             "combine_epoch", "header_bytes")
+             "combine_epoch", "aborted", "header_bytes")
     return dict(zip(names, torch.ops.a2a_one_sided.header_field_offsets()))
 
 

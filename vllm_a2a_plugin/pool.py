@@ -30,6 +30,7 @@ from vllm_a2a_plugin.all_to_all import OneSidedAllToAll
 from vllm_a2a_plugin.config import A2AConfig
 from vllm_a2a_plugin.errors import A2AInputError
 from vllm_a2a_plugin.reference import ReferenceAllToAll
+from vllm_a2a_plugin.watchdog import DEFAULT_INTERVAL_S, AbortWord, PeerWatchdog
 from vllm_a2a_plugin.workspace import AllToAllSpec, Workspace
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,11 @@ class AllToAllPool:
         self.config = config or A2AConfig()
         self.allocation: str | None = None if self.use_kernels else "reference"
         self._all_to_alls: dict[tuple, tuple[AllToAllSpec, object]] = {}
+        # Peer-loss detection (vllm_a2a_plugin/watchdog.py): one abort word for
+        # every all-to-all of this pool; the watchdog starts with the first
+        # workspace (a collective every rank reaches in the same order).
+        self.abort: AbortWord | None = AbortWord() if self.use_kernels else None
+        self.watchdog: PeerWatchdog | None = None
 
     def all_to_all(self, spec: AllToAllSpec, *, expert_owner: torch.Tensor | None = None):
         """The all-to-all for ``spec``: created once, reused, grown when a layer
@@ -116,6 +122,7 @@ class AllToAllPool:
             return ReferenceAllToAll(spec, self.cpu_group, expert_owner=expert_owner,
                                      device=self.device,
                                      check_expert_ids=self.config.check_expert_ids)
+        self._start_watchdog()
         workspace = self._allocate(spec)
         logger.info(
             "a2a_one_sided workspace (%s): %.1f MiB per rank (ep_size=%d, "
@@ -124,7 +131,15 @@ class AllToAllPool:
             spec.max_tokens_per_rank, spec.hidden_size, spec.top_k, spec.dispatch_dtype,
             spec.combine_dtype)
         return OneSidedAllToAll(workspace, self.rank, expert_owner=expert_owner,
-                                config=self.config)
+                                config=self.config, abort=self.abort)
+
+    def _start_watchdog(self) -> None:
+        interval = envs.peer_interval_seconds(DEFAULT_INTERVAL_S)
+        if self.watchdog is not None or interval == 0:
+            return
+        self.watchdog = PeerWatchdog.start_for_group(self.cpu_group, abort=self.abort,
+                                                     interval_s=interval)
+        logger.info("a2a_one_sided: peer watchdog started (interval %.3g s)", interval)
 
     def _allocate(self, spec: AllToAllSpec) -> Workspace:
         """Allocate on the path chosen at the first allocation (the same on all ranks)."""
@@ -209,8 +224,12 @@ class AllToAllPool:
         Workspaces are reset in place in creation order, the same on every rank
         (:meth:`OneSidedAllToAll.recover`: device sync, barrier, zeroed header,
         barrier), so buffers keep their addresses and captured CUDA graphs stay
-        valid. A dead peer process cannot be recovered this way.
+        valid. A dead peer process cannot be recovered this way (the watchdog's
+        rearm raises then); a peer that was stopped and resumed can: the abort
+        word is cleared by the group together first.
         """
+        if self.watchdog is not None:
+            self.watchdog.rearm(self.cpu_group)
         for a2a in self.all_to_alls():
             if isinstance(a2a, OneSidedAllToAll):
                 a2a.recover()
@@ -222,6 +241,9 @@ class AllToAllPool:
         would hang the exit. Peers still mapping our memory keep it alive (torch
         counts CUDA-IPC importers; symmetric memory frees with its handle).
         """
+        if self.watchdog is not None:
+            self.watchdog.stop(depart=True)  # leaving on purpose is not a loss
+            self.watchdog = None
         for key in list(self._all_to_alls):
             self._release(key, wait_for_peers=False)
 

@@ -1,0 +1,252 @@
+"""The peer watchdog on CPU (no GPU needed): its native thread, the shared
+segment and the abort word, over gloo with real processes (killed, stopped,
+slow, departing) and with logical ranks in one process (a paused heartbeat).
+
+What the kernels do with a raised abort word is tested on the GPU
+(tests/test_faults_gpu.py); here the abort word is read from the host.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import queue
+import signal
+import time
+
+import pytest
+import torch.multiprocessing as mp
+
+from vllm_a2a_plugin import ops
+from vllm_a2a_plugin.errors import A2AInputError, A2AStateError
+from vllm_a2a_plugin.testing.serve import free_port
+from vllm_a2a_plugin.watchdog import (LOST_HEARTBEAT, LOST_PROCESS_GONE, AbortWord,
+                                      PeerWatchdog)
+
+INTERVAL_S = 0.4
+# Wall-clock slack for a loaded 2-core CI machine (the thread ticks every
+# interval / 10; a killed process is seen on the next tick).
+SLACK_S = 1.0
+
+
+def _wait_raised(abort: AbortWord, timeout_s: float) -> float | None:
+    """Seconds until ``abort`` was raised, or None if it stayed clear."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        if abort.raised:
+            return time.monotonic() - start
+        time.sleep(0.005)
+    return None
+
+
+def _stays_clear(abort: AbortWord, seconds: float) -> bool:
+    return _wait_raised(abort, seconds) is None
+
+
+# ------------------------------------------------------------ one process
+def test_paused_logical_rank_is_lost_after_the_interval_and_rearm_clears():
+    abort = AbortWord()
+    watchdog = PeerWatchdog.start_local(3, abort=abort, interval_s=0.2)
+    try:
+        assert _stays_clear(abort, 0.6)  # three intervals, every heartbeat alive
+        assert watchdog.alive_ranks() == 3
+        watchdog.pause_heartbeat(1)
+        paused_at = time.monotonic()
+        waited = _wait_raised(abort, 0.2 + SLACK_S)
+        assert waited is not None, "a paused heartbeat was never reported"
+        assert time.monotonic() - paused_at >= 0.2 - 0.03  # not before the interval
+        assert abort.lost() == (1, LOST_HEARTBEAT)
+        assert watchdog.group_loss() == (1, LOST_HEARTBEAT)
+        watchdog.pause_heartbeat(1, False)
+        watchdog.rearm()
+        assert not abort.raised and watchdog.group_loss() is None
+        assert _stays_clear(abort, 0.6)
+    finally:
+        watchdog.stop()
+
+
+def test_python_holding_the_gil_does_not_stop_the_heartbeat():
+    """The thread is native: Python blocked for 5x the interval in a C call that
+    keeps the GIL (a long compile, graph capture) is slow, not lost."""
+    abort = AbortWord()
+    watchdog = PeerWatchdog.start_local(2, abort=abort, interval_s=0.2)
+    try:
+        ticks = watchdog.ticks()
+        # PyDLL keeps the GIL during the call (CDLL would release it).
+        ctypes.PyDLL(None).usleep(ctypes.c_uint(int(5 * 0.2 * 1e6)))
+        assert watchdog.ticks() > ticks + 5, "the thread did not run while the GIL was held"
+        assert not abort.raised
+    finally:
+        watchdog.stop()
+
+
+def test_bad_arguments_raise_before_starting():
+    with pytest.raises(A2AInputError, match="interval_s"):
+        PeerWatchdog.start_local(2, abort=AbortWord(), interval_s=0)
+    with pytest.raises(A2AInputError, match="tick_s"):
+        PeerWatchdog.start_local(2, abort=AbortWord(), interval_s=0.1, tick_s=0.5)
+    watchdog = PeerWatchdog.start_local(2, abort=AbortWord(), interval_s=0.5)
+    try:
+        with pytest.raises(A2AInputError, match="not driven by this process"):
+            watchdog.pause_heartbeat(5)
+    finally:
+        watchdog.stop()
+    with pytest.raises(A2AStateError, match="stopped"):
+        watchdog.ticks()
+
+
+def test_raise_lost_by_hand_and_clear():
+    abort = AbortWord()
+    assert abort.lost() is None
+    abort.raise_lost(3)
+    assert abort.raised and abort.lost() == (3, 3)
+    abort.raise_lost(1)  # the first loss stays
+    assert abort.lost() == (3, 3)
+    abort.clear()
+    assert not abort.raised
+
+
+def test_segment_is_gone_from_shm_once_started():
+    before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    watchdog = PeerWatchdog.start_local(2, abort=AbortWord(), interval_s=0.5)
+    try:
+        after = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+        assert not [n for n in after - before if n.startswith("a2a_watchdog_")]
+    finally:
+        watchdog.stop()
+
+
+# ------------------------------------------------------------ processes
+def _worker(rank: int, world: int, port: int, scenario: str, out) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    abort = AbortWord()
+    watchdog = PeerWatchdog.start_for_group(dist.group.WORLD, abort=abort,
+                                            interval_s=INTERVAL_S)
+    out.put(("ready", rank, os.getpid()))
+    if scenario == "kill":
+        # The parent kills the last rank; the others report what they saw.
+        if rank == world - 1:
+            time.sleep(60)
+        raised = _wait_raised(abort, 10.0)
+        out.put(("seen", rank, abort.lost(), time.time() if raised is not None else None))
+        watchdog.stop(depart=False)
+        return
+    if scenario == "stop":
+        # The parent stops rank 1, then resumes it after rank 0 reported the loss;
+        # rank 1 then finds the loss too (the shared word), and both rearm.
+        raised = _wait_raised(abort, 10.0)
+        out.put(("seen", rank, abort.lost(), time.time() if raised is not None else None))
+        watchdog.rearm(dist.group.WORLD)
+        out.put(("rearmed", rank, _stays_clear(abort, 3 * INTERVAL_S), None))
+    elif scenario == "slow":
+        # Rank 1 blocks in C with the GIL held for 5x the interval: slow, not lost.
+        dist.barrier()
+        if rank == 1:
+            ctypes.PyDLL(None).usleep(ctypes.c_uint(int(5 * INTERVAL_S * 1e6)))
+        else:
+            time.sleep(5 * INTERVAL_S)
+        dist.barrier()
+        out.put(("quiet", rank, not abort.raised, None))
+    elif scenario == "depart":
+        # Rank 1 leaves on purpose (engine shutdown): not a loss.
+        if rank == 1:
+            watchdog.stop(depart=True)
+            out.put(("quiet", rank, True, None))
+            return
+        out.put(("quiet", rank, _stays_clear(abort, 4 * INTERVAL_S), None))
+    watchdog.stop()
+    dist.destroy_process_group()
+
+
+def _start(world: int, scenario: str):
+    ops.load()  # build (or find) the extension once, before the children import it
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, scenario, out), daemon=True)
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    return procs, out
+
+
+def _collect(out, kind: str, count: int, timeout_s: float = 120) -> dict:
+    found = {}
+    deadline = time.monotonic() + timeout_s
+    while len(found) < count:
+        try:
+            msg = out.get(timeout=max(0.1, deadline - time.monotonic()))
+        except queue.Empty:
+            raise AssertionError(f"only {sorted(found)} reported {kind!r}") from None
+        if msg[0] == kind:
+            found[msg[1]] = msg[2:]
+    return found
+
+
+def _finish(procs) -> None:
+    for p in procs:
+        p.join(30)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join(5)
+
+
+def test_killed_process_is_lost_by_every_survivor_within_a_tick():
+    procs, out = _start(3, "kill")
+    try:
+        ready = _collect(out, "ready", 3)
+        time.sleep(2 * INTERVAL_S)  # every thread past its first ticks
+        killed_at = time.time()
+        os.kill(ready[2][0], signal.SIGKILL)  # stays a zombie until joined: /proc says 'Z'
+        seen = _collect(out, "seen", 2)
+        for rank in (0, 1):
+            lost, seen_at = seen[rank]
+            assert lost == (2, LOST_PROCESS_GONE), (rank, lost)
+            # Seen on a tick (interval / 10), not after the interval.
+            assert seen_at - killed_at < INTERVAL_S / 10 + SLACK_S / 2, seen_at - killed_at
+    finally:
+        _finish(procs)
+
+
+def test_stopped_process_is_lost_then_rejoins_after_rearm():
+    procs, out = _start(2, "stop")
+    try:
+        ready = _collect(out, "ready", 2)
+        time.sleep(2 * INTERVAL_S)
+        stopped_at = time.time()
+        os.kill(ready[1][0], signal.SIGSTOP)
+        try:
+            seen0 = _collect(out, "seen", 1)
+            lost, seen_at = seen0[0]
+            assert lost == (1, LOST_HEARTBEAT)
+            assert INTERVAL_S - 0.05 <= seen_at - stopped_at < INTERVAL_S + SLACK_S
+        finally:
+            os.kill(ready[1][0], signal.SIGCONT)
+        seen1 = _collect(out, "seen", 1)
+        assert seen1[1][0] == (1, LOST_HEARTBEAT), "the resumed rank must name the same loss"
+        rearmed = _collect(out, "rearmed", 2)
+        assert rearmed[0][0] and rearmed[1][0], rearmed
+    finally:
+        _finish(procs)
+
+
+def test_peer_blocked_with_the_gil_for_five_intervals_is_not_lost():
+    procs, out = _start(2, "slow")
+    try:
+        quiet = _collect(out, "quiet", 2)
+        assert quiet[0][0] and quiet[1][0], quiet
+    finally:
+        _finish(procs)
+
+
+def test_departed_peer_is_not_lost():
+    procs, out = _start(2, "depart")
+    try:
+        quiet = _collect(out, "quiet", 2)
+        assert quiet[0][0], "a rank that left on purpose was reported lost"
+    finally:
+        _finish(procs)
