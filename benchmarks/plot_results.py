@@ -4,7 +4,14 @@
 
 Writes one PNG per (shape, dtype, routing) next to each JSON: time vs tokens
 per rank, one line per implementation, one panel per op. ``--readme`` rewrites
-the table between the markers in README.md.
+the table between the markers in README.md. ``--round-trip OUT.png`` draws one
+picture of the round trip from all the files given (repeated runs of one
+configuration: the median of the runs, bars from the fastest to the slowest),
+titled with the machine, commit, date and command, each line naming its timing
+method (the README's plot):
+
+    python benchmarks/plot_results.py --round-trip docs/round_trip.png \
+        benchmarks/results/<machine>/<run>/after_*.json
 """
 
 from __future__ import annotations
@@ -118,6 +125,94 @@ def table(paths: list[Path], tokens: tuple[int, ...] = (1, 128, 1024, 4096),
             "plots under `benchmarks/results/`.\n\n" + "\n".join(lines))
 
 
+# Round-trip series: (label, mode, value of a row); kernel time adds the
+# dispatch and combine rows of one point.
+_RT_SERIES = (
+    ("graph replay, device time (queued)", "graph", "queued_median_us"),
+    ("graph replay, events (host gaps included)", "graph", "median_us"),
+    ("kernel time (CUPTI, dispatch + combine)", "kernel", "median_us"),
+    ("eager, events (host enqueue included)", "eager", "median_us"),
+)
+_RT_STYLES = dict(zip((name for name, _, _ in _RT_SERIES),
+                      (("-", "s"), ("--", "D"), (":", "^"), ("-.", "o"))))
+
+
+def round_trip_points(docs: list[dict]) -> dict[tuple, dict[int, list[float]]]:
+    """``{(impl, ep_size, series label): {tokens: [one value per run]}}``.
+
+    Eager rows of several logical ranks in one process are left out (their host
+    work is serialised there, which no deployment does), as in :func:`table`."""
+    points: dict[tuple, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for doc in docs:
+        kernel: dict[tuple, float] = defaultdict(float)
+        for row in doc["rows"]:
+            logical = row["ep_size"] > doc["world_size"]
+            for name, mode, field in _RT_SERIES:
+                if row["mode"] != mode or field not in row or row[field] is None:
+                    continue
+                if mode == "eager" and logical and row["impl"] == "a2a_one_sided":
+                    continue
+                if mode == "kernel" and row["op"] in ("dispatch", "combine"):
+                    kernel[(row["impl"], row["ep_size"], name, row["tokens_per_rank"])] += \
+                        row[field]
+                elif mode != "kernel" and row["op"] == "round_trip":
+                    points[(row["impl"], row["ep_size"], name)][row["tokens_per_rank"]].append(
+                        row[field])
+        for (impl, ep, name, tokens), value in kernel.items():
+            points[(impl, ep, name)][tokens].append(value)
+    return points
+
+
+def plot_round_trip(paths: list[Path], out: Path) -> Path:
+    """One round-trip picture from repeated runs of one configuration."""
+    import statistics
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    docs = [json.loads(p.read_text()) for p in paths]
+    first = docs[0]
+    configs = {(r["shape"], r["dtype"], r["routing"]) for d in docs for r in d["rows"]}
+    if len(configs) != 1:
+        raise ValueError(f"--round-trip takes runs of one (shape, dtype, routing); got "
+                         f"{sorted(configs)}")
+    (shape, dtype, routing), = configs
+    commits = sorted({d.get("commit") or "unknown" for d in docs})
+    fig, ax = plt.subplots(figsize=(9, 5.2))
+    series = round_trip_points(docs)
+    colors = {key: plt.cm.tab10(i % 10) for i, key in enumerate(
+        sorted({(impl, ep) for impl, ep, _ in series}))}
+    for (impl, ep, name), by_tokens in sorted(series.items()):
+        tokens = sorted(by_tokens)
+        mid = [statistics.median(by_tokens[t]) for t in tokens]
+        low = [m - min(by_tokens[t]) for m, t in zip(mid, tokens)]
+        high = [max(by_tokens[t]) - m for m, t in zip(mid, tokens)]
+        ranks = (f"{ep} logical ranks on 1 GPU" if ep > first["world_size"]
+                 else f"{ep} rank{'s' if ep > 1 else ''}")
+        line, marker = _RT_STYLES[name]
+        ax.errorbar(tokens, mid, yerr=[low, high], linestyle=line, marker=marker,
+                    capsize=2, color=colors[(impl, ep)], label=f"{impl}, {ranks}: {name}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens per rank")
+    ax.set_ylabel("round trip, dispatch + combine (us, median)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
+    ax.set_title(f"{first['gpu']} x{first['world_size']}, torch {first['torch']}, commit "
+                 f"{', '.join(commits)}, {first['date'][:10]}\n{shape} {dtype} dispatch "
+                 f"({'bf16' if dtype == 'fp8' else dtype} combine), {routing} routing, "
+                 f"{len(docs)} run(s): median, bars = range", fontsize=9)
+    fig.text(0.01, 0.005, "benchmarks/bench_a2a.py " + first["command"].split(
+        "bench_a2a.py", 1)[-1].split(" --out")[0].strip(), fontsize=6, alpha=0.7)
+    fig.tight_layout(rect=(0, 0.02, 1, 1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
 def update_readme(text: str) -> None:
     readme = ROOT / "README.md"
     content = readme.read_text()
@@ -129,7 +224,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("files", nargs="+", type=Path)
     parser.add_argument("--readme", action="store_true", help="rewrite the README table")
+    parser.add_argument("--round-trip", type=Path, metavar="OUT.png",
+                        help="only draw one round-trip picture of all FILES (runs of one "
+                             "configuration) to OUT.png")
     args = parser.parse_args(argv)
+    if args.round_trip is not None:
+        print(plot_round_trip(args.files, args.round_trip))
+        return
     for path in args.files:
         for png in plot_file(path):
             print(png)

@@ -169,3 +169,45 @@ def test_console_script_is_declared():
     scripts = entry_points(group="console_scripts", name="vllm-a2a")
     assert [ep.value for ep in scripts] == ["vllm_a2a_plugin.cli:main"], (
         "reinstall the package (pip install --no-build-isolation -e .) to register vllm-a2a")
+
+
+def _bench_doc(scale: float) -> dict:
+    rows = []
+    for ep in (1, 8):
+        for tokens in (1, 128):
+            base = scale * tokens * ep
+            rows += [
+                {"impl": "a2a_one_sided", "op": "round_trip", "mode": "eager", "ep_size": ep,
+                 "tokens_per_rank": tokens, "median_us": base * 4},
+                {"impl": "a2a_one_sided", "op": "round_trip", "mode": "graph", "ep_size": ep,
+                 "tokens_per_rank": tokens, "median_us": base * 2, "queued_median_us": base},
+                {"impl": "a2a_one_sided", "op": "dispatch", "mode": "kernel", "ep_size": ep,
+                 "tokens_per_rank": tokens, "median_us": base / 2},
+                {"impl": "a2a_one_sided", "op": "combine", "mode": "kernel", "ep_size": ep,
+                 "tokens_per_rank": tokens, "median_us": base / 4},
+            ]
+    for row in rows:
+        row.update(shape="deepseek_v3", dtype="fp8", routing="uniform")
+    return {"gpu": "NVIDIA H200", "world_size": 1, "torch": "2.11.0", "commit": "abc1234",
+            "date": "2026-12-04T10:00:00", "rows": rows,
+            "command": "python benchmarks/bench_a2a.py --tokens 1,128 --out x.json"}
+
+
+def test_readme_round_trip_plot_takes_the_median_of_runs(tmp_path):
+    from benchmarks import plot_results
+
+    docs = [_bench_doc(1.0), _bench_doc(3.0), _bench_doc(2.0)]
+    points = plot_results.round_trip_points(docs)
+    queued = points[("a2a_one_sided", 1, "graph replay, device time (queued)")]
+    assert queued == {1: [1.0, 3.0, 2.0], 128: [128.0, 384.0, 256.0]}
+    kernel = points[("a2a_one_sided", 8, "kernel time (CUPTI, dispatch + combine)")]
+    assert kernel[1] == [8 * 0.75, 24 * 0.75, 16 * 0.75]  # dispatch + combine summed
+    # eager with several logical ranks in one process is left out, one real rank kept
+    assert ("a2a_one_sided", 8, "eager, events (host enqueue included)") not in points
+    assert ("a2a_one_sided", 1, "eager, events (host enqueue included)") in points
+    paths = []
+    for i, doc in enumerate(docs):
+        paths.append(tmp_path / f"run{i}.json")
+        paths[-1].write_text(json.dumps(doc))
+    out = plot_results.plot_round_trip(paths, tmp_path / "rt.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
