@@ -152,3 +152,105 @@ def test_dispatch_runner_combine_matches_dense_moe(world_size, counts):
 
 def test_fp8_block_dispatch_matches_dense_moe():
     run_ranks(_rank_main, 2, [[6, 0], [3, 5]], True, timeout_s=600)
+
+
+def _tbo_rank_main(rank, world_size, port, micro_counts):
+    """Two micro-batches through one dispatcher in TBO's order (``dispatch_a`` of
+    both, then each one's ``dispatch_b`` -> runner -> ``combine_a``, then both
+    ``combine_b``) equal the same micro-batches run one after another."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world_size)
+    from sglang.srt.plugins import load_plugins
+
+    load_plugins()
+    from sglang.srt.layers.dp_attention import set_dp_buffer_len
+    from sglang.srt.layers.moe.fused_moe_native import fused_moe_forward_native
+    from sglang.srt.layers.moe.fused_moe_triton.layer import create_moe_dispatcher
+    from sglang.srt.layers.moe.moe_runner import MoeRunnerConfig
+    from sglang.srt.layers.moe.topk import StandardTopKOutput
+    from sglang.srt.layers.moe.utils import (MoeRunnerBackend, initialize_moe_config,
+                                             is_tbo_enabled)
+    from sglang.srt.layers.quantization.unquant import UnquantizedFusedMoEMethod
+    from sglang.srt.runtime_context import get_parallel, publish
+    from sglang.srt.server_args import prepare_server_args
+
+    from vllm_a2a_plugin.errors import A2AInputError, A2AStateError
+    from vllm_a2a_plugin.sglang.dispatcher import OneSidedDispatcher, destroy_pools
+
+    args = prepare_server_args(["--model-path", "dummy", "--device", "cpu",
+                                "--moe-a2a-backend", "a2a_one_sided", "--tp-size",
+                                str(world_size), "--ep-size", str(world_size), "--attn-dp-size",
+                                str(world_size), "--enable-two-batch-overlap"])
+    args.resolve_once()
+    publish(args, role="scheduler")
+    initialize_moe_config()
+    assert is_tbo_enabled()
+    per_rank = NUM_EXPERTS // world_size
+    config = MoeRunnerConfig(num_experts=NUM_EXPERTS, num_local_experts=per_rank,
+                             hidden_size=HIDDEN, intermediate_size_per_partition=INTER,
+                             top_k=TOP_K, num_fused_shared_experts=0,
+                             params_dtype=torch.bfloat16, runner_backend=MoeRunnerBackend.TRITON,
+                             activation="silu", inplace=False)
+    ep_group = SimpleNamespace(cpu_group=dist.group.WORLD, rank_in_group=rank,
+                               world_size=world_size)
+    with get_parallel().override(moe_ep_group=ep_group):
+        dispatcher = create_moe_dispatcher(config, UnquantizedFusedMoEMethod())
+    assert isinstance(dispatcher, OneSidedDispatcher), type(dispatcher)
+    # One workspace per micro-batch, asked for at construction.
+    assert dispatcher.micro_batches == 2
+    assert dispatcher.all_to_alls[0] is not dispatcher.all_to_alls[1]
+    with pytest.raises(A2AInputError, match="micro-batch 2"):
+        dispatcher.dispatch_b(tbo_subbatch_index=2)
+
+    w13, w2 = _weights()
+    mine = slice(rank * per_rank, (rank + 1) * per_rank)
+    layer = SimpleNamespace(w13_weight=w13[mine].to(torch.bfloat16),
+                            w2_weight=w2[mine].to(torch.bfloat16), moe_runner_config=config)
+    for step, counts in enumerate(micro_counts):
+        inputs = []
+        for mb in range(2):
+            x, weights, ids = _tokens(rank + 10 * step + 100 * mb, counts[mb][rank])
+            inputs.append((x.to(torch.bfloat16), StandardTopKOutput(weights, ids, None)))
+
+        # Not overlapped: each micro-batch's fused dispatch -> runner -> combine,
+        # with SGLang's per-DP-rank counts of that micro-batch published.
+        sequential = []
+        for mb, (x, topk) in enumerate(inputs):
+            set_dp_buffer_len(sum(counts[mb]), counts[mb][rank], False,
+                              global_num_tokens=list(counts[mb]))
+            out = dispatcher.combine(fused_moe_forward_native(layer, dispatcher.dispatch(x, topk)))
+            sequential.append(out)
+
+        # TBO: SGLang publishes no per-rank counts for micro-batches (None), so
+        # the ranks agree on M themselves; each micro-batch on its own workspace.
+        set_dp_buffer_len(0, 0, False, global_num_tokens=None)
+        for mb, (x, topk) in enumerate(inputs):
+            dispatcher.dispatch_a(hidden_states=x, topk_output=topk, tbo_subbatch_index=mb)
+        with pytest.raises(A2AStateError, match="micro-batch 0"):
+            dispatcher.dispatch_a(hidden_states=inputs[0][0], topk_output=inputs[0][1],
+                                  tbo_subbatch_index=0)
+        received = dispatcher.dispatch_b(tbo_subbatch_index=0)
+        assert received.hidden_states.shape[0] == world_size * max(counts[0])
+        dispatcher.combine_a(combine_input=fused_moe_forward_native(layer, received),
+                             tbo_subbatch_index=0)
+        received = dispatcher.dispatch_b(tbo_subbatch_index=1)
+        assert received.hidden_states.shape[0] == world_size * max(counts[1])
+        dispatcher.combine_a(combine_input=fused_moe_forward_native(layer, received),
+                             tbo_subbatch_index=1)
+        overlapped = [dispatcher.combine_b(tbo_subbatch_index=mb) for mb in range(2)]
+        for mb in range(2):
+            assert overlapped[mb].shape == (counts[mb][rank], HIDDEN)
+            torch.testing.assert_close(overlapped[mb], sequential[mb], rtol=0, atol=0,
+                                       msg=f"rank {rank}, step {step}, micro-batch {mb}")
+            x, topk = inputs[mb]
+            expected = _dense(x.float(), topk.topk_weights, topk.topk_ids, w13, w2)
+            torch.testing.assert_close(overlapped[mb].float(), expected, rtol=3e-2, atol=3e-2)
+    destroy_pools()
+
+
+def test_two_batch_overlap_interleaving_matches_sequential_micro_batches():
+    # Per step, per micro-batch, per rank token counts (zero-token ranks and
+    # micro-batches of different sizes included).
+    run_ranks(_tbo_rank_main, 2, [[[3, 5], [2, 0]], [[0, 4], [6, 1]]], timeout_s=600)

@@ -93,6 +93,25 @@ def test_published_config_carries_the_name(loaded):
     assert get_exec().moe.moe_a2a_backend == BACKEND_NAME
 
 
+def test_two_batch_overlap_is_accepted_with_our_backend(loaded):
+    """--enable-two-batch-overlap with our backend parses, resolves and reaches the
+    runtime flag SGLang's dispatcher factory reads (is_tbo_enabled)."""
+    import_or_skip_without_sgl_kernel("sglang.srt.layers.quantization")  # resolve_once loads it
+    from sglang.srt.layers.moe.utils import initialize_moe_config, is_tbo_enabled
+    from sglang.srt.runtime_context import get_exec, publish
+    from sglang.srt.server_args import prepare_server_args
+
+    args = prepare_server_args(["--model-path", "dummy", "--moe-a2a-backend", BACKEND_NAME,
+                                "--enable-two-batch-overlap", "--tp-size", "2",
+                                "--device", "cpu"])
+    args.resolve_once()
+    assert args.enable_two_batch_overlap
+    publish(args, role="scheduler")
+    initialize_moe_config()
+    assert get_exec().overlap.enable_two_batch_overlap
+    assert is_tbo_enabled()
+
+
 def test_runtime_enum_is_customized_and_flashinfer_like(loaded):
     from sglang.srt.layers.moe.utils import MoeA2ABackend
 

@@ -20,6 +20,16 @@ CUDA graphs: ``M`` comes from host values SGLang already holds (DP-attention
 global token counts), the id check is off by default, and every buffer is
 preallocated per layer, so capture sees no host sync and replays no allocation
 beyond torch's caching allocator.
+
+Two-batch overlap (``--enable-two-batch-overlap``): SGLang's TBO splits a step
+into two micro-batches and drives each MoE layer through the two-stage
+interface ``dispatch_a`` (send) / ``dispatch_b`` (wait) / ``combine_a`` /
+``combine_b``, passing ``tbo_subbatch_index`` (0 or 1) to every call and
+interleaving the micro-batches (``a_0, a_1, b_0, b_1, ...``). Where SGLang's
+DeepEP-family dispatchers keep one inner dispatcher (one buffer) per
+micro-batch, this one keeps one all-to-all (one workspace) per micro-batch,
+requested from the pool at construction, so two rounds in flight never share
+a workspace.
 """
 
 from __future__ import annotations
@@ -43,9 +53,10 @@ from sglang.srt.layers.moe.topk import StandardTopKOutput, TopKOutput, TopKOutpu
 from vllm_a2a_plugin import BACKEND_NAME, envs
 from vllm_a2a_plugin.all_to_all import PHASE_BOTH, PHASE_SEND
 from vllm_a2a_plugin.config import A2AConfig
-from vllm_a2a_plugin.errors import A2AInputError
+from vllm_a2a_plugin.errors import A2AInputError, A2AStateError
 from vllm_a2a_plugin.padding import linear_expert_owner
 from vllm_a2a_plugin.pool import AllToAllPool
+from vllm_a2a_plugin.validation import is_capturing
 from vllm_a2a_plugin.workspace import AllToAllSpec
 
 logger = logging.getLogger(__name__)
@@ -145,11 +156,19 @@ def runtime_max_tokens(num_tokens: int, dp_global_num_tokens: list[int] | None,
 
 
 def _dp_attention_enabled() -> bool:
+    """DP attention per the runtime flag (set when SGLang initialises DP
+    attention) or the published parallel config (set from the server args)."""
     from sglang.srt.layers.dp_attention import is_dp_attention_enabled
+    from sglang.srt.runtime_context import get_parallel
 
     try:
-        return bool(is_dp_attention_enabled())
-    except (ValueError, RuntimeError):  # nothing published (standalone use)
+        if is_dp_attention_enabled():
+            return True
+    except (ValueError, RuntimeError, AttributeError):  # nothing published (standalone use)
+        pass
+    try:
+        return bool(get_parallel().attn_dp_enabled)
+    except (ValueError, RuntimeError, AttributeError):
         return False
 
 
@@ -172,12 +191,19 @@ class OneSidedDispatcher(BaseDispatcher):
             dequantises into a preallocated buffer, since SGLang's STANDARD
             format carries hidden states in the activation dtype and the runner
             quantises them per 1x128 block again (near-lossless).
+        micro_batches: 1, or 2 under SGLang's two-batch overlap: one all-to-all
+            (workspace) per micro-batch, keyed by ``tbo_subbatch_index``.
+        all_to_all: with ``micro_batches=2``, a sequence of two all-to-alls.
     """
 
     def __init__(self, placement: EpPlacement, *, num_experts: int, hidden_size: int,
                  top_k: int, params_dtype: torch.dtype = torch.bfloat16,
-                 runner_backend=None, dispatch_fp8: bool = False, all_to_all=None):
+                 runner_backend=None, dispatch_fp8: bool = False, all_to_all=None,
+                 micro_batches: int = 1):
         super().__init__()
+        if micro_batches not in (1, 2):
+            raise A2AInputError(f"micro_batches must be 1 or 2 (two-batch overlap), got "
+                                f"{micro_batches}")
         if params_dtype not in (torch.bfloat16, torch.float16, torch.float32):
             raise A2AInputError(
                 f"{BACKEND_NAME} dispatches bf16/fp16/fp32 activations (or fp8 1x128 blocks of "
@@ -207,13 +233,29 @@ class OneSidedDispatcher(BaseDispatcher):
             combine_dtype=params_dtype)
         self.expert_owner = linear_expert_owner(num_experts, placement.size)
         if all_to_all is None:
-            # Collective: every EP rank builds its layers in the same order.
-            all_to_all = pool_for(placement.cpu_group, device).all_to_all(
-                self.spec, expert_owner=self.expert_owner)
-        elif all_to_all.spec != self.spec:
-            raise A2AInputError(f"the given all-to-all carries {all_to_all.spec}, this layer "
-                                f"needs {self.spec}")
-        self.all_to_all = all_to_all
+            # Collective: every EP rank builds its layers in the same order and
+            # asks for the same micro-batches (both now, never lazily in a
+            # forward, where ranks could diverge).
+            pool = pool_for(placement.cpu_group, device)
+            all_to_alls = tuple(pool.all_to_all(self.spec, expert_owner=self.expert_owner,
+                                                micro_batch=index)
+                                for index in range(micro_batches))
+        else:
+            all_to_alls = (tuple(all_to_all) if isinstance(all_to_all, (tuple, list))
+                           else (all_to_all,))
+            if len(all_to_alls) != micro_batches:
+                raise A2AInputError(f"{micro_batches} micro-batch(es) need as many all-to-alls, "
+                                    f"got {len(all_to_alls)}")
+            for given in all_to_alls:
+                if given.spec != self.spec:
+                    raise A2AInputError(f"the given all-to-all carries {given.spec}, this "
+                                        f"layer needs {self.spec}")
+        if len({id(a2a) for a2a in all_to_alls}) != len(all_to_alls):
+            raise A2AInputError("two micro-batches in flight need two workspaces; both got "
+                                "the same all-to-all")
+        self.micro_batches = micro_batches
+        self.all_to_alls = all_to_alls
+        self.all_to_all = all_to_alls[0]
         self.padding_id = self.all_to_all.padding_id
         # Global id -> this rank's local id, -1 for other ranks' experts; one
         # extra entry for the padding id E (used when this rank owns them all).
@@ -229,13 +271,20 @@ class OneSidedDispatcher(BaseDispatcher):
         self._runner_ids = torch.empty((slots, top_k), dtype=torch.int32, device=device)
         self._dequantized = (torch.empty((slots, hidden_size), dtype=params_dtype, device=device)
                              if dispatch_fp8 else None)
-        self._dispatched_tokens: int | None = None
+        # Per micro-batch: tokens of the round in flight (None when idle). The
+        # runner-side buffers above are shared by the micro-batches: a
+        # micro-batch's runner reads them between its dispatch_b and combine_a,
+        # which SGLang's TBO strategies run in one stage on one stream (the
+        # other micro-batch's dispatch_b never falls inside; checked).
+        self._dispatched_tokens: list[int | None] = [None] * micro_batches
+        self._runner_owner: int | None = None
 
     @classmethod
     def from_sglang(cls, moe_runner_config, quant_method) -> "OneSidedDispatcher":
         """What SGLang's ``create_moe_dispatcher`` returns for our backend."""
         from sglang.srt.arg_groups.overrides import flashinfer_a2a_max_dispatch_tokens_per_rank
         from sglang.srt.distributed.parallel_state import get_moe_ep_group
+        from sglang.srt.layers.moe.utils import is_tbo_enabled
         from sglang.srt.runtime_context import get_parallel, max_prefill_buffer_tokens
 
         if moe_runner_config.num_fused_shared_experts:
@@ -262,15 +311,18 @@ class OneSidedDispatcher(BaseDispatcher):
                    hidden_size=moe_runner_config.hidden_size, top_k=moe_runner_config.top_k,
                    params_dtype=moe_runner_config.params_dtype or torch.bfloat16,
                    runner_backend=moe_runner_config.runner_backend,
-                   dispatch_fp8=dispatches_fp8(quant_method))
+                   dispatch_fp8=dispatches_fp8(quant_method),
+                   micro_batches=2 if is_tbo_enabled() else 1)
 
     # ---------------------------------------------------------------- dispatch
     def dispatch(self, hidden_states: torch.Tensor, topk_output: TopKOutput, *,
-                 phases: int = PHASE_BOTH) -> StandardDispatchOutput | None:
+                 phases: int = PHASE_BOTH,
+                 tbo_subbatch_index: int | None = None) -> StandardDispatchOutput | None:
         """Send ``[T, H]`` tokens with their top-k routing; ``T`` may be 0.
 
-        ``phases=PHASE_SEND`` (CUDA only) returns None; :meth:`dispatch_wait`
-        then gives the output. SGLang calls the fused default.
+        ``phases=PHASE_SEND`` returns None; :meth:`dispatch_wait` then gives
+        the output. SGLang calls the fused default, or, under two-batch overlap,
+        :meth:`dispatch_a` / :meth:`dispatch_b`.
 
         Returns:
             STANDARD output: hidden states ``[P * M, H]`` (activation dtype),
@@ -279,6 +331,7 @@ class OneSidedDispatcher(BaseDispatcher):
         """
         from sglang.srt.layers.dp_attention import get_dp_global_num_tokens
 
+        index = self._micro_batch(tbo_subbatch_index)
         if TopKOutputChecker.format_is_bypassed(topk_output):
             topk_output = topk_output.to_standard()
         if not TopKOutputChecker.format_is_standard(topk_output):
@@ -288,9 +341,16 @@ class OneSidedDispatcher(BaseDispatcher):
         if hidden_states.dtype != self.params_dtype:
             raise A2AInputError(f"hidden states are {hidden_states.dtype}, the layer's "
                                 f"activation dtype is {self.params_dtype}")
+        if self._dispatched_tokens[index] is not None:
+            raise A2AStateError(f"micro-batch {index}: dispatch() called again before its "
+                                "combine()")
         num_tokens = hidden_states.shape[0]
-        m = runtime_max_tokens(num_tokens, get_dp_global_num_tokens(),
-                               self.placement.attn_tp_size, self.placement.size)
+        global_counts = get_dp_global_num_tokens()
+        if tbo_subbatch_index is not None and global_counts is None:
+            m = self._micro_batch_max_tokens(num_tokens)
+        else:
+            m = runtime_max_tokens(num_tokens, global_counts, self.placement.attn_tp_size,
+                                   self.placement.size)
         if m > self.spec.max_tokens_per_rank:
             raise A2AInputError(
                 f"this step needs {m} tokens per EP rank but the {BACKEND_NAME} workspace holds "
@@ -303,21 +363,69 @@ class OneSidedDispatcher(BaseDispatcher):
         x, scales = hidden_states, None
         if self.dispatch_fp8:
             x, scales = quantize_fp8_blocks(hidden_states)
-        self._dispatched_tokens = num_tokens
+        all_to_all = self.all_to_alls[index]
         if phases == PHASE_SEND:
-            self.all_to_all.dispatch(x.contiguous(), ids.contiguous(), weights.contiguous(),
-                                     x_scales=scales, runtime_max_tokens=m, phases=PHASE_SEND)
+            all_to_all.dispatch(x.contiguous(), ids.contiguous(), weights.contiguous(),
+                                x_scales=scales, runtime_max_tokens=m, phases=PHASE_SEND)
+            self._dispatched_tokens[index] = num_tokens
             return None
-        received = self.all_to_all.dispatch(
+        received = all_to_all.dispatch(
             x.contiguous(), ids.contiguous(), weights.contiguous(), x_scales=scales,
             runtime_max_tokens=m)
-        return self._standard_output(received)
+        self._dispatched_tokens[index] = num_tokens
+        return self._standard_output(received, index)
 
-    def dispatch_wait(self) -> StandardDispatchOutput:
-        """Second half of ``dispatch(..., phases=PHASE_SEND)`` (logical ranks on one GPU)."""
-        return self._standard_output(self.all_to_all.wait_dispatch())
+    def dispatch_wait(self, *, tbo_subbatch_index: int | None = None) -> StandardDispatchOutput:
+        """Second half of ``dispatch(..., phases=PHASE_SEND)``."""
+        index = self._micro_batch(tbo_subbatch_index)
+        return self._standard_output(self.all_to_alls[index].wait_dispatch(), index)
 
-    def _standard_output(self, received) -> StandardDispatchOutput:
+    # SGLang's two-stage interface (two-batch overlap; DeepEPDispatcher's names).
+    def dispatch_a(self, hidden_states: torch.Tensor, topk_output: TopKOutput, *,
+                   tbo_subbatch_index: int | None = None) -> None:
+        """Launch micro-batch ``tbo_subbatch_index``'s send; :meth:`dispatch_b` waits."""
+        self.dispatch(hidden_states, topk_output, phases=PHASE_SEND,
+                      tbo_subbatch_index=tbo_subbatch_index)
+
+    def dispatch_b(self, *, tbo_subbatch_index: int | None = None) -> StandardDispatchOutput:
+        """Wait for micro-batch ``tbo_subbatch_index``'s slots: the runner's input."""
+        return self.dispatch_wait(tbo_subbatch_index=tbo_subbatch_index)
+
+    def _micro_batch(self, tbo_subbatch_index: int | None) -> int:
+        # SGLang passes None outside overlapped steps (DeepEP's wrapper maps it to 0).
+        index = 0 if tbo_subbatch_index is None else int(tbo_subbatch_index)
+        if not 0 <= index < self.micro_batches:
+            raise A2AInputError(
+                f"micro-batch {tbo_subbatch_index} of a dispatcher built for "
+                f"{self.micro_batches} (two-batch overlap was "
+                f"{'on' if self.micro_batches == 2 else 'off'} when the model was built)")
+        return index
+
+    def _micro_batch_max_tokens(self, num_tokens: int) -> int:
+        """``M`` of one TBO micro-batch, identical on every EP rank.
+
+        SGLang publishes no per-DP-rank counts for TBO micro-batches (the
+        children's ``global_num_tokens_cpu`` is None). Without DP attention the
+        ranks split identical batches identically; under CUDA-graph capture
+        every rank captures the same padded size; otherwise (eager, DP
+        attention) the ranks agree on the largest count over the EP group's
+        CPU group, as SGLang's own non-EP TBO path all-gathers its counts.
+        """
+        if self.placement.size == 1 or not _dp_attention_enabled() or is_capturing():
+            return num_tokens
+        import torch.distributed as dist
+
+        count = torch.tensor([num_tokens], dtype=torch.int64, device="cpu")
+        dist.all_reduce(count, op=dist.ReduceOp.MAX, group=self.placement.cpu_group)
+        return int(count.item())
+
+    def _standard_output(self, received, index: int) -> StandardDispatchOutput:
+        if self._runner_owner is not None and self._runner_owner != index:
+            raise A2AStateError(
+                f"micro-batch {index}'s dispatch output requested while micro-batch "
+                f"{self._runner_owner}'s is still in its runner (the runner-side buffers are "
+                "shared: combine_a must come first)")
+        self._runner_owner = index
         m = received.runtime_max_tokens
         slots = self.placement.size * m
         recv_x = received.recv_x
@@ -336,34 +444,49 @@ class OneSidedDispatcher(BaseDispatcher):
             topk_output=StandardTopKOutput(received.recv_topk_weights, runner_ids, None))
 
     # ----------------------------------------------------------------- combine
-    def combine(self, combine_input: CombineInput, *, phases: int = PHASE_BOTH) -> torch.Tensor:
+    def combine(self, combine_input: CombineInput, *, phases: int = PHASE_BOTH,
+                tbo_subbatch_index: int | None = None) -> torch.Tensor | None:
         """``[P * M, H]`` expert outputs (weighted, reduced) -> ``[T, H]`` of this rank.
 
-        ``phases=PHASE_SEND`` (CUDA only) returns the output tensor that
-        :meth:`combine_wait` completes.
+        ``phases=PHASE_SEND`` returns None; :meth:`combine_wait` returns the
+        output once every peer's partial results arrived.
         """
+        index = self._micro_batch(tbo_subbatch_index)
         if combine_input.format != CombineInputFormat.STANDARD:
             raise A2AInputError(
                 f"{BACKEND_NAME} combines SGLang's STANDARD format, got {combine_input.format}")
-        if self._dispatched_tokens is None:
-            raise A2AInputError("combine() called before dispatch()")
+        tokens = self._dispatched_tokens[index]
+        if tokens is None:
+            raise A2AStateError(f"micro-batch {index}: combine() called before dispatch()")
         y = combine_input.hidden_states
         if y.dtype != self.params_dtype:
             y = y.to(self.params_dtype)
         # A fresh output: the caller keeps it past the next layer's combine,
         # which reuses this layer shape's all-to-all.
-        out = torch.empty((self._dispatched_tokens, self.hidden_size), dtype=self.params_dtype,
+        out = torch.empty((tokens, self.hidden_size), dtype=self.params_dtype,
                           device=self.placement.device)
-        self._dispatched_tokens = None
+        self._dispatched_tokens[index] = None
+        self._runner_owner = None
         # SGLang's runners allocate their output, so it is staged into the
         # workspace's combine region (one copy) before the kernels pull it.
+        all_to_all = self.all_to_alls[index]
         if phases == PHASE_SEND:
-            return self.all_to_all.combine(y.contiguous(), out=out, phases=PHASE_SEND)
-        return self.all_to_all.combine(y.contiguous(), out=out)
+            all_to_all.combine(y.contiguous(), out=out, phases=PHASE_SEND)
+            return None
+        return all_to_all.combine(y.contiguous(), out=out)
 
-    def combine_wait(self) -> torch.Tensor:
-        """Second half of ``combine(..., phases=PHASE_SEND)``."""
-        return self.all_to_all.wait_combine()
+    def combine_wait(self, *, tbo_subbatch_index: int | None = None) -> torch.Tensor:
+        """Second half of ``combine(..., phases=PHASE_SEND)``: ``[T, H]``."""
+        return self.all_to_alls[self._micro_batch(tbo_subbatch_index)].wait_combine()
+
+    def combine_a(self, combine_input: CombineInput, *,
+                  tbo_subbatch_index: int | None = None) -> None:
+        """Launch micro-batch ``tbo_subbatch_index``'s combine send; :meth:`combine_b` waits."""
+        self.combine(combine_input, phases=PHASE_SEND, tbo_subbatch_index=tbo_subbatch_index)
+
+    def combine_b(self, *, tbo_subbatch_index: int | None = None) -> torch.Tensor:
+        """Micro-batch ``tbo_subbatch_index``'s combined ``[T, H]`` tokens."""
+        return self.combine_wait(tbo_subbatch_index=tbo_subbatch_index)
 
 
 def dispatches_fp8(quant_method) -> bool:
