@@ -3,8 +3,8 @@
     python benchmarks/plot_results.py benchmarks/results/<machine>/*.json
 
 Writes one PNG per (shape, dtype, routing) next to each JSON: time vs tokens
-per rank, one line per implementation, one panel per op. ``--readme`` rewrites
-the table between the markers in README.md. ``--round-trip OUT.png`` draws one
+per rank, one line per implementation, one panel per op. ``--table`` rewrites
+the table between the markers in docs/benchmarks.md. ``--round-trip OUT.png`` draws one
 picture of the round trip from all the files given (repeated runs of one
 configuration: the median of the runs, bars from the fastest to the slowest),
 titled with the machine, commit, date and command, each line naming its timing
@@ -213,17 +213,18 @@ def plot_round_trip(paths: list[Path], out: Path) -> Path:
     return out
 
 
-def update_readme(text: str) -> None:
-    readme = ROOT / "README.md"
-    content = readme.read_text()
+def update_table(text: str, doc: Path = ROOT / "docs" / "benchmarks.md") -> None:
+    """Replace the suite table between the markers in ``doc``."""
+    content = doc.read_text()
     start, end = content.index(MARK_BEGIN), content.index(MARK_END)
-    readme.write_text(content[: start + len(MARK_BEGIN)] + "\n" + text + "\n" + content[end:])
+    doc.write_text(content[: start + len(MARK_BEGIN)] + "\n" + text + "\n" + content[end:])
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("files", nargs="+", type=Path)
-    parser.add_argument("--readme", action="store_true", help="rewrite the README table")
+    parser.add_argument("--table", action="store_true",
+                        help="rewrite the suite table in docs/benchmarks.md")
     parser.add_argument("--round-trip", type=Path, metavar="OUT.png",
                         help="only draw one round-trip picture of all FILES (runs of one "
                              "configuration) to OUT.png")
@@ -234,8 +235,8 @@ def main(argv=None):
     for path in args.files:
         for png in plot_file(path):
             print(png)
-    if args.readme:
-        update_readme(table(args.files))
+    if args.table:
+        update_table(table(args.files))
 
 
 if __name__ == "__main__":
