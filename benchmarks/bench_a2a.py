@@ -237,8 +237,8 @@ def empty_structure_graph(ep_size: int, device) -> torch.cuda.CUDAGraph:
     is the floor no kernel work can go below: launch and graph overhead alone.
     The kernel is torch's ``spin_kernel`` with 0 cycles.
 
-    (Before 2026-11-25 session 5 the graph had one wave with both kernels on each
-    rank's stream: one fork/join fewer than the round trip it stood beside.)"""
+    (Until 2026-11-25 the graph had one wave with both kernels on each rank's
+    stream: one fork/join fewer than the round trip it stood beside.)"""
     graph = torch.cuda.CUDAGraph()
     capture = torch.cuda.Stream(device)
     streams = [torch.cuda.Stream(device) for _ in range(ep_size)] if ep_size > 1 else []

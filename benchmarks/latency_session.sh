@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 15 in one device call (H100, <= 9 minutes): the kernels and Python of a
+# Decode fixed cost in one device call (H100, <= 9 minutes): the kernels and Python of a
 # "before" commit against this tree ("after"), side by side, then the GPU tests
 # and a compute-sanitizer subset on "after".
 #
@@ -37,7 +37,7 @@
 # A second call can finish what the deadline skipped, e.g.
 #   A2A_SESSION_STEPS=bench2,host2,racecheck,faults,ipc bash benchmarks/latency_session.sh
 #
-# Environment: A2A_BEFORE_REF (default 371729f: main where issue 15 branched; its
+# Environment: A2A_BEFORE_REF (default 371729f: main before the decode-cost work; its
 # csrc is 3b1351d's plus the top-k id -1 skip), A2A_SESSION_BUDGET_S (default
 # 530), A2A_SESSION_DTYPES (default fp8), A2A_COMMIT (this tree's commit, for the
 # JSON headers), PYTHON (default python3).

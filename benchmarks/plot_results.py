@@ -1,4 +1,4 @@
-"""Plots and the README table from benchmark JSON files.
+"""Plots and the suite table (docs/benchmarks.md) from benchmark JSON files.
 
     python benchmarks/plot_results.py benchmarks/results/<machine>/*.json
 

@@ -139,7 +139,7 @@ def main(argv=None) -> None:
 
     from vllm_a2a_plugin.workspace import AllToAllSpec
 
-    # DeepSeek-V3's shape, fp8 dispatch with 1x128 scales, 1 token (issue 15).
+    # DeepSeek-V3's shape, fp8 dispatch with 1x128 scales, 1 token (decode).
     spec = AllToAllSpec(ep_size=1, max_tokens_per_rank=1, hidden_size=7168, top_k=8,
                         num_experts=256, dispatch_dtype=torch.float8_e4m3fn, scale_cols=56)
     with contextlib.ExitStack() as stack:

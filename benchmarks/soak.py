@@ -1,4 +1,4 @@
-"""Soak: a million checked dispatch/combine rounds on one GPU (issue 16).
+"""Soak: a million checked dispatch/combine rounds on one GPU.
 
 Random cases (``P`` in {2, 3, 4, 6, 8} logical ranks, top-k 1..16, hidden
 128..1024, bf16 / fp16 / fp8 with float32 scales, random owner tables, split

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The multi-GPU runs of issues 7 and 8, one step per device call (each fits the
-# 10-minute limit). Run from the repo root on a machine of N GPUs; stage the vLLM
-# bundle first for `engine` and `throughput` (README, "Developing").
+# The multi-GPU runs, one step per device call (each fits the 10-minute
+# limit). Run from the repo root on a machine of N GPUs; stage the vLLM
+# bundle first for `engine` and `throughput` (docs/development.md, "vLLM on
+# the GPU machines").
 #
 #   bash scripts/multigpu_session.sh tests        # kernels across N processes (symmetric memory)
 #   bash scripts/multigpu_session.sh bench        # benchmark suite, one process per GPU

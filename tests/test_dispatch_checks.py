@@ -5,7 +5,7 @@ Two guards check each call's arguments: the Python check
 C++ ops (``dispatch_planned`` / ``combine_planned``), which check plain CUDA
 tensors against their launch plan before they launch. ``OneSidedAllToAll``
 leaves plain CUDA tensors to the op alone (the hot path: no Python check,
-issue 15's eager host time) and runs the Python check when the op refused, to
+it sets the eager host time) and runs the Python check when the op refused, to
 raise with its message. So the op must refuse everything the Python check
 refuses: each rule broken in :func:`mutations` is tried against both.
 """

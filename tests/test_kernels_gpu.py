@@ -364,7 +364,7 @@ def test_bad_inputs_raise_before_launch():
 
 
 def test_launch_plan_checks_every_call_and_lives_as_long_as_its_all_to_all():
-    """The planned ops (issue 15: fewer arguments per call) refuse what the plan
+    """The planned ops (fewer arguments per call) refuse what the plan
     was not made for, with a message, before any launch; the plan is freed with
     its all-to-all and replaced when the workspace pointers or the config change."""
     import gc

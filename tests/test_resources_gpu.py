@@ -1,4 +1,4 @@
-"""Workspace create/destroy cycles leak nothing (issue 16): GPU memory, pinned host
+"""Workspace create/destroy cycles leak nothing: GPU memory, pinned host
 memory (the error record of every all-to-all), resident set. The full 10^4-cycle
 run is ``benchmarks/resource_cycles.py``; this is its short form."""
 

@@ -141,7 +141,7 @@ def test_checker_ignores_what_the_contract_leaves_unspecified():
 
 
 def test_checker_treats_out_of_range_ids_as_skipped_slots():
-    """What the kernels do with a bad id when the host check is off (issue 16)."""
+    """What the kernels do with a bad id when the host check is off."""
     case = SoakCase(ep_size=2, capacity=3, hidden=128, top_k=2, num_experts=4, dtype="bf16",
                     owner=(0, 0, 1, 1), mode="split")
     torch.manual_seed(0)

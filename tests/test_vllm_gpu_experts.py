@@ -1,4 +1,4 @@
-"""Issue 4 item 8: our kernels with vLLM's own GPU experts.
+"""Our kernels with vLLM's own GPU experts.
 
 P logical ranks on one GPU (split mode): our dispatch delivers global top-k ids
 with the seed-002 padding id; on every rank one of vLLM's experts
