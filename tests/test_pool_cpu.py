@@ -45,6 +45,14 @@ def _rank_pool(rank, world_size, port):
         assert out[:, 0].float().tolist() == [float(len(o)) for o in owners]
     else:
         assert out.shape == (0, 64)
+    # Micro-batches (overlap): each its own all-to-all of the same shape, grown
+    # on its own; out-of-range indices are refused before anything is allocated.
+    second = pool.all_to_all(spec, micro_batch=1)
+    assert second is not grown and pool.all_to_all(spec, micro_batch=1) is second
+    assert pool.all_to_all(spec, micro_batch=0) is grown
+    with pytest.raises(A2AInputError, match=r"micro_batch must be in \[0, 2\)"):
+        pool.all_to_all(spec, micro_batch=2)
+    assert len(pool.all_to_alls()) == 2
     pool.destroy()
     assert pool.all_to_all(spec) is not grown
 

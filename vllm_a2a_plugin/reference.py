@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_a2a_plugin.all_to_all import DispatchResult
+from vllm_a2a_plugin.all_to_all import PHASE_BOTH, PHASE_SEND, DispatchResult
 from vllm_a2a_plugin.errors import A2AInputError, A2AStateError
 from vllm_a2a_plugin.padding import linear_expert_owner, padding_ids_for_ranks
 from vllm_a2a_plugin.validation import (NO_EXPERT, check_dispatch_inputs,
@@ -27,6 +27,12 @@ from vllm_a2a_plugin.workspace import AllToAllSpec
 # The reference computes on the host whatever the caller's default device is
 # (vLLM builds models under `with torch.device("cuda")`).
 _CPU = torch.device("cpu")
+
+
+def _check_phases(phases: int, wait_name: str) -> None:
+    if phases not in (PHASE_SEND, PHASE_BOTH):
+        raise A2AInputError(f"phases must be PHASE_SEND or PHASE_BOTH, got {phases}; "
+                            f"the wait phase is {wait_name}()")
 
 
 @dataclass(frozen=True)
@@ -192,6 +198,13 @@ class ReferenceAllToAll:
     ``combine``, ``check_errors``), so engine adapters can run on machines
     without our kernels. Moves every rank's tokens to every rank (all-gather):
     for correctness and CPU tests, not for speed.
+
+    The split forms (``phases=PHASE_SEND``, then :meth:`wait_dispatch` /
+    :meth:`wait_combine`) keep the kernels' state machine: the collectives run
+    in the send half (gloo has no one-sided sends) and the wait half hands out
+    the result, so overlap schedules (two micro-batches, each with its own
+    all-to-all, sent and waited for in interleaved order) run through the same
+    adapter code on CPU as on GPU.
     """
 
     def __init__(self, spec: AllToAllSpec, group, *, expert_owner: torch.Tensor | None = None,
@@ -216,6 +229,7 @@ class ReferenceAllToAll:
         self._topk_ids: torch.Tensor | None = None
         self._m = 0
         self._combine_buffer: torch.Tensor | None = None
+        self._sent: object = None  # the split form's result, handed out by the wait half
         self._completed = [0, 0]  # dispatches, combines
 
     def _all_gather_rows(self, t: torch.Tensor, m: int) -> list[torch.Tensor]:
@@ -232,9 +246,11 @@ class ReferenceAllToAll:
                  topk_weights: torch.Tensor | None = None, *,
                  x_scales: torch.Tensor | None = None,
                  extra_payloads: tuple[torch.Tensor, ...] = (),
-                 runtime_max_tokens: int | None = None) -> DispatchResult:
+                 runtime_max_tokens: int | None = None,
+                 phases: int = PHASE_BOTH) -> DispatchResult:
         if self._phase != "idle":
             raise A2AStateError(f"dispatch() called in state '{self._phase}'")
+        _check_phases(phases, "wait_dispatch")
         m = self.spec.max_tokens_per_rank if runtime_max_tokens is None else int(runtime_max_tokens)
         check_dispatch_inputs(self.spec, x=x, topk_ids=topk_ids, topk_weights=topk_weights,
                               x_scales=x_scales, extra_payloads=tuple(extra_payloads),
@@ -278,18 +294,32 @@ class ReferenceAllToAll:
         moved = {name: getattr(mine, name).to(self.device)
                  for name in ("recv_x", "recv_x_scales", "recv_topk_ids", "recv_topk_weights")
                  if getattr(mine, name) is not None}
-        return dataclasses.replace(mine, recv_extra=tuple(e.to(self.device)
-                                                          for e in mine.recv_extra), **moved)
+        result = dataclasses.replace(mine, recv_extra=tuple(e.to(self.device)
+                                                            for e in mine.recv_extra), **moved)
+        if phases == PHASE_SEND:
+            self._phase, self._sent = "dispatch_sent", result
+        return result
+
+    def wait_dispatch(self) -> DispatchResult:
+        """Second half of ``dispatch(..., phases=PHASE_SEND)``."""
+        if self._phase != "dispatch_sent":
+            raise A2AStateError(f"wait_dispatch() called in state '{self._phase}'; "
+                                "call dispatch(..., phases=PHASE_SEND) first")
+        result, self._sent, self._phase = self._sent, None, "dispatched"
+        return result
 
     def combine_input(self) -> torch.Tensor:
         if self._phase != "dispatched" or self._combine_buffer is None:
             raise A2AStateError("combine_input() is only valid after dispatch()")
         return self._combine_buffer
 
-    def combine(self, y: torch.Tensor | None = None, *, out: torch.Tensor | None = None
-                ) -> torch.Tensor:
+    def combine(self, y: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
+                phases: int = PHASE_BOTH) -> torch.Tensor:
         if self._phase != "dispatched":
-            raise A2AStateError(f"combine() called in state '{self._phase}': call dispatch() first")
+            raise A2AStateError(f"combine() called in state '{self._phase}': call dispatch() first"
+                                + (" and wait_dispatch()" if self._phase == "dispatch_sent"
+                                   else ""))
+        _check_phases(phases, "wait_combine")
         buffer = self.combine_input()
         if y is not None:
             y2 = y.reshape(-1, y.shape[-1])
@@ -310,9 +340,20 @@ class ReferenceAllToAll:
             check_tensor(out, "out", dtype=self.spec.combine_dtype, shape=tuple(result.shape),
                          device=self.device)
             out.copy_(result)
-        self._phase = "idle"
         self._topk_ids = None
         self._completed[1] += 1
+        if phases == PHASE_SEND:
+            self._phase, self._sent = "combine_sent", out
+        else:
+            self._phase = "idle"
+        return out
+
+    def wait_combine(self) -> torch.Tensor:
+        """Second half of ``combine(..., phases=PHASE_SEND)``."""
+        if self._phase != "combine_sent":
+            raise A2AStateError(f"wait_combine() called in state '{self._phase}'; "
+                                "call combine(..., phases=PHASE_SEND) first")
+        out, self._sent, self._phase = self._sent, None, "idle"
         return out
 
     def check_errors(self) -> None:
