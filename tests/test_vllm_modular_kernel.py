@@ -119,7 +119,8 @@ def _rank_main(rank, world_size, port, experts_kind, counts, apply_on_input, top
         counts = ep_round_counts()
         assert counts == {"dp_rank": rank, "ep_rank": rank, "allocation": "reference",
                           "all_to_alls": 1, "dispatches": 2, "combines": 2,
-                          "prepare_calls": 2, "finalize_calls": 2}, counts
+                          "dispatches_by_micro_batch": [2, 0], "prepare_calls": 2,
+                          "finalize_calls": 2, "overlapped_prepare_calls": 0}, counts
         manager.destroy()
 
 

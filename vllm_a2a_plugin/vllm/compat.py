@@ -6,7 +6,8 @@ the 0.32.0 and 0.33.0 wheels: the interfaces we implement or wrap
 (``FusedMoEPrepareAndFinalizeModular``'s abstract methods and the
 ``prepare``/``finalize`` signatures, ``maybe_make_prepare_finalize``,
 ``All2AllManagerBase``, the communicators' constructors) are identical; 0.33
-adds ``supports_dbo()`` (defaults to ``supports_async()``) and
+adds ``supports_dbo()`` (defaults to ``supports_async()``; see
+:func:`modular_kernel_has_supports_dbo`) and
 ``FusedMoEQuantConfig.is_scale_transposed`` (see
 :func:`activation_scales_transposed`).
 """
@@ -67,3 +68,16 @@ def activation_scales_transposed(quant_config) -> bool:
     quantises to row-major ``[T, H / 128]`` scales, which is what we dispatch.
     """
     return bool(getattr(quant_config, "is_scale_transposed", False))
+
+
+def modular_kernel_has_supports_dbo() -> bool:
+    """True where the modular kernel asks ``prepare_finalize.supports_dbo()`` (0.33).
+
+    0.33 runs a synchronous prepare/finalize under dual-batch overlap when it
+    says ``supports_dbo()``; 0.32 has no such method and asserts that DBO is
+    off on the synchronous path, so there a prepare/finalize must take the
+    async entry points (``prepare_async`` / ``finalize_async``) to run under it.
+    """
+    import vllm.model_executor.layers.fused_moe.modular_kernel as mk
+
+    return hasattr(mk.FusedMoEPrepareAndFinalizeModular, "supports_dbo")

@@ -22,14 +22,18 @@ Patched (and why):
   * ``fused_moe.all2all_utils.maybe_make_prepare_finalize`` (same signature in
     0.32 and 0.33): returns our prepare/finalize for our backend; rebound in
     every module that imported it by name.
+  * ``VllmConfig.__post_init__``: with micro-batching on (``--enable-dbo``),
+    its last check asserts that the backend is in a local list (CUDA:
+    deepep_low_latency, deepep_high_throughput, nixl_ep). Our prepare/finalize
+    runs under it (one workspace per micro-batch, the all-to-all on the comm
+    stream: see prepare_finalize.py), so while ``__post_init__`` runs the
+    backend reads as ``deepep_low_latency``, and ours again right after. Every
+    other read of the name in ``__post_init__`` (ROCm DeepEP-HT DBO tweak,
+    moonep graphs, ``set_splitting_ops_for_v1``'s DeepEP-HT branch) treats
+    both names alike, checked in 0.32 and 0.33.
 
 Left alone on purpose (decisions for the other name checks of design §6, the
 same code in 0.32 and 0.33 unless noted):
-  * ``config/vllm.py`` microbatching (DBO) list (CUDA: deepep_low_latency,
-    deepep_high_throughput, nixl_ep; 0.33 adds allgather_reducescatter on ROCm
-    only, and ``modular_kernel``'s new ``supports_dbo()`` defaults to
-    ``supports_async()``, False for us): our prepare/finalize is not async, so
-    vLLM's own "Microbatching currently only supports ..." error is right.
   * ``v1/worker/sentinel/gpu_worker_sentinel.py`` fault tolerance
     (``FT_BACKEND_SET``: deepep_low_latency, nixl_ep): it needs rank masking
     and buffer cleaning we do not offer; vLLM's ValueError says so.
@@ -82,6 +86,9 @@ _CUDA_COMMUNICATOR = "vllm.distributed.device_communicators.cuda_communicator"
 _CPU_COMMUNICATOR = "vllm.distributed.device_communicators.cpu_communicator"
 _ALL2ALL_UTILS = "vllm.model_executor.layers.fused_moe.all2all_utils"
 _PARALLEL_CONFIG = "vllm.config.parallel"
+_VLLM_CONFIG = "vllm.config.vllm"
+# A name vLLM's micro-batching check accepts on every platform (see _patch_vllm_config).
+_MICRO_BATCHING_BACKEND_NAME = "deepep_low_latency"
 
 
 def install() -> None:
@@ -92,6 +99,7 @@ def install() -> None:
             return
         check_vllm_version()
         when_imported(_PARALLEL_CONFIG, _patch_parallel_config)
+        when_imported(_VLLM_CONFIG, _patch_vllm_config)
         when_imported(_CUDA_COMMUNICATOR, _patch_communicator("CudaCommunicator"))
         when_imported(_CPU_COMMUNICATOR, _patch_communicator("CpuCommunicator"))
         when_imported(_ALL2ALL_UTILS, _patch_prepare_finalize_factory)
@@ -135,6 +143,29 @@ def _patch_parallel_config(parallel_module) -> None:
 
         use_sequence_parallel_moe._a2a_wrapped = True
         config_cls.use_sequence_parallel_moe = property(use_sequence_parallel_moe)
+
+
+def _patch_vllm_config(vllm_module) -> None:
+    """Wraps VllmConfig.__post_init__ past its micro-batching backend list."""
+    config_cls = vllm_module.VllmConfig
+    original = config_cls.__post_init__
+    if getattr(original, "_a2a_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def __post_init__(self, *args, **kwargs):
+        parallel = self.parallel_config
+        if parallel.all2all_backend != BACKEND_NAME or not parallel.use_ubatching:
+            return original(self, *args, **kwargs)
+        # object.__setattr__: no validation round trip for a name we put back.
+        object.__setattr__(parallel, "all2all_backend", _MICRO_BATCHING_BACKEND_NAME)
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            object.__setattr__(parallel, "all2all_backend", BACKEND_NAME)
+
+    __post_init__._a2a_wrapped = True
+    config_cls.__post_init__ = __post_init__
 
 
 def _extend_engine_args(extended) -> None:

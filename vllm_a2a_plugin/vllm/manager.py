@@ -16,7 +16,7 @@ from vllm.distributed.device_communicators.base_device_communicator import All2A
 
 from vllm_a2a_plugin import envs
 from vllm_a2a_plugin.config import A2AConfig
-from vllm_a2a_plugin.pool import AllToAllPool
+from vllm_a2a_plugin.pool import MAX_MICRO_BATCHES, AllToAllPool
 from vllm_a2a_plugin.workspace import AllToAllSpec
 
 
@@ -41,9 +41,11 @@ class OneSidedAll2AllManager(All2AllManagerBase):
         self.pool = AllToAllPool(cpu_group, device=device, config=self.config)
         self.device = self.pool.device
 
-    def all_to_all(self, spec: AllToAllSpec, *, expert_owner: torch.Tensor | None = None):
-        """The all-to-all for ``spec`` (see :meth:`AllToAllPool.all_to_all`)."""
-        return self.pool.all_to_all(spec, expert_owner=expert_owner)
+    def all_to_all(self, spec: AllToAllSpec, *, expert_owner: torch.Tensor | None = None,
+                   micro_batch: int = 0):
+        """The all-to-all for ``spec`` and ``micro_batch`` (see
+        :meth:`AllToAllPool.all_to_all`)."""
+        return self.pool.all_to_all(spec, expert_owner=expert_owner, micro_batch=micro_batch)
 
     def get_handle(self, kwargs):
         """vLLM's generic accessor: ``kwargs`` are :class:`AllToAllSpec` fields."""
@@ -63,11 +65,14 @@ def ep_round_counts(_worker=None) -> dict:
     """This process's a2a_one_sided rounds, for ``LLM.collective_rpc``.
 
     Returns ``{"dp_rank", "ep_rank", "allocation", "all_to_alls", "dispatches",
-    "combines", "prepare_calls", "finalize_calls"}``: the kernels' device
-    counters summed over every workspace (layers of one shape share one), and
-    the host calls of our prepare/finalize (under CUDA graphs those only count
-    the capture; the device counters count every replay). ``_worker`` is the
-    vLLM worker ``collective_rpc`` passes; unused.
+    "combines", "dispatches_by_micro_batch", "prepare_calls", "finalize_calls",
+    "overlapped_prepare_calls"}``: the kernels' device counters summed over
+    every workspace (layers of one shape share one), the dispatches of each
+    micro-batch's workspaces (``[micro-batch 0, micro-batch 1]``; the second
+    only moves in steps vLLM split for dual-batch overlap), and the host calls
+    of our prepare/finalize (under CUDA graphs those only count the capture;
+    the device counters count every replay). ``_worker`` is the vLLM worker
+    ``collective_rpc`` passes; unused.
     """
     from vllm.distributed.parallel_state import get_dp_group
 
@@ -77,11 +82,17 @@ def ep_round_counts(_worker=None) -> dict:
     counts = {"dp_rank": get_dp_group().rank_in_group, "ep_rank": manager.rank,
               "allocation": manager.pool.allocation, "all_to_alls": 0, "dispatches": 0,
               "combines": 0}
-    for a2a in manager.pool.all_to_alls():
-        dispatches, combines = a2a.completed_rounds()
-        counts["all_to_alls"] += 1
-        counts["dispatches"] += dispatches
-        counts["combines"] += combines
+    by_micro_batch = []
+    for micro_batch in range(MAX_MICRO_BATCHES):
+        micro_batch_dispatches = 0
+        for a2a in manager.pool.all_to_alls(micro_batch):
+            dispatches, combines = a2a.completed_rounds()
+            counts["all_to_alls"] += 1
+            counts["dispatches"] += dispatches
+            counts["combines"] += combines
+            micro_batch_dispatches += dispatches
+        by_micro_batch.append(micro_batch_dispatches)
+    counts["dispatches_by_micro_batch"] = by_micro_batch
     counts.update(host_call_counts())
     return counts
 

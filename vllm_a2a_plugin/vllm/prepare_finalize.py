@@ -8,10 +8,22 @@ padding id of seed 002 (never -1) wherever the slot has no work for this rank.
 ``finalize`` honours the experts' ``weight_and_reduce_impl`` (unreduced
 ``(M, topk, K)`` output is weighted and reduced straight into the workspace),
 then combines into ``output``.
+
+Dual-batch overlap (``--enable-dbo``): vLLM splits a step into two micro-batches
+that run on two host threads taking turns, on one compute stream and one comm
+stream. Each micro-batch has its own all-to-all (its own workspace: receive
+slots, flags and epochs), picked by ``dbo_current_ubatch_id()``. Dispatch and
+combine run in a *comm region*: record the compute so far, hand the host to
+the other micro-batch (which enqueues its compute), then launch our fused
+kernel on the comm stream behind that recorded point, and make the compute
+stream wait for it. So one micro-batch's all-to-all runs on the GPU while the
+other's attention or experts run, and nothing else changes: the kernels, the
+launch arguments, the synchronous path of steps that are not split.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import NamedTuple
 
@@ -24,12 +36,20 @@ from vllm.model_executor.layers.fused_moe.topk_weight_and_reduce import (
     TopKWeightAndReduceNoOP,
 )
 from vllm.model_executor.layers.fused_moe.utils import moe_kernel_quantize_input
+from vllm.v1.worker.ubatching import (
+    dbo_current_ubatch_id,
+    dbo_enabled,
+    dbo_switch_to_compute_sync,
+    dbo_yield_and_switch_from_compute_to_comm,
+)
 
 from vllm_a2a_plugin.all_to_all import DispatchResult
 from vllm_a2a_plugin.errors import A2AInputError
 from vllm_a2a_plugin.padding import expert_owner_from_maps, padding_expert_id
 from vllm_a2a_plugin.validation import is_capturing
-from vllm_a2a_plugin.vllm.compat import activation_scales_transposed
+from vllm_a2a_plugin.pool import MAX_MICRO_BATCHES
+from vllm_a2a_plugin.vllm.compat import (activation_scales_transposed,
+                                         modular_kernel_has_supports_dbo)
 from vllm_a2a_plugin.workspace import AllToAllSpec
 
 logger = logging.getLogger(__name__)
@@ -37,8 +57,9 @@ logger = logging.getLogger(__name__)
 FP8_BLOCK = 128
 
 # Host calls of prepare/finalize in this process (every layer, every step that
-# runs Python: eager steps and CUDA-graph captures, not graph replays).
-_HOST_CALLS = {"prepare_calls": 0, "finalize_calls": 0}
+# runs Python: eager steps and CUDA-graph captures, not graph replays);
+# `overlapped_prepare_calls` counts those made inside a split (DBO) step.
+_HOST_CALLS = {"prepare_calls": 0, "finalize_calls": 0, "overlapped_prepare_calls": 0}
 
 
 def host_call_counts() -> dict[str, int]:
@@ -188,15 +209,23 @@ class OneSidedPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
         quant_config: the layer's quantisation (decides the dispatch dtype).
         max_tokens_per_rank: workspace capacity (scheduler max_num_batched_tokens).
         input_dtype: set when the experts take unquantised activations.
+        micro_batches: 2 when vLLM may split steps (dual-batch overlap): one
+            all-to-all per micro-batch, all asked for now (allocation is
+            collective and must not happen inside a forward).
     """
 
     def __init__(self, manager, moe: FusedMoEConfig, quant_config: FusedMoEQuantConfig | None,
-                 *, max_tokens_per_rank: int, input_dtype: torch.dtype | None = None):
+                 *, max_tokens_per_rank: int, input_dtype: torch.dtype | None = None,
+                 micro_batches: int = 1):
         super().__init__()
+        if micro_batches not in range(1, MAX_MICRO_BATCHES + 1):
+            raise A2AInputError(
+                f"micro_batches must be 1 or {MAX_MICRO_BATCHES}, got {micro_batches}")
         self.manager = manager
         self.moe = moe
         self.quant_config = quant_config
         self.max_tokens_per_rank = max_tokens_per_rank
+        self.micro_batches = micro_batches
         self.num_dispatchers_ = manager.world_size
         self.num_experts = moe.num_experts
         self._expert_map_checked: int | None = None
@@ -215,7 +244,39 @@ class OneSidedPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
             dispatch_dtype=self.layout.dtype, scale_cols=self.layout.scale_cols,
             combine_dtype=combine_dtype)
         self.expert_owner = vllm_expert_owner(moe.num_experts, self.manager.world_size)
-        self.all_to_all = self.manager.all_to_all(self.spec, expert_owner=self.expert_owner)
+        self.all_to_alls = [
+            self.manager.all_to_all(self.spec, expert_owner=self.expert_owner, micro_batch=i)
+            for i in range(self.micro_batches)]
+
+    @property
+    def all_to_all(self):
+        """The all-to-all of the running micro-batch (the only one outside DBO)."""
+        if self.micro_batches == 1:
+            return self.all_to_alls[0]
+        return self.all_to_alls[dbo_current_ubatch_id()]
+
+    @contextlib.contextmanager
+    def _comm_region(self):
+        """Runs the body on the comm stream while the other micro-batch computes.
+
+        Outside a split step (or with one micro-batch) it runs the body where
+        it is. Inside one: record this micro-batch's compute, let the other
+        micro-batch's thread enqueue its work, switch to the comm stream behind
+        the recorded point, run the body (our fused launch), then make the
+        compute stream wait for it. Both micro-batches go through the same
+        regions in the same order, so their threads yield equally often (vLLM's
+        turn-taking needs that). Tensors made before the region are read on the
+        comm stream; their memory is safe: everything enqueued on the compute
+        stream after the region waits for it.
+        """
+        if self.micro_batches == 1 or not dbo_enabled():
+            yield
+            return
+        dbo_yield_and_switch_from_compute_to_comm()
+        try:
+            yield
+        finally:
+            dbo_switch_to_compute_sync()
 
     def post_init_setup(self, fused_experts) -> None:
         """Experts that quantise themselves get unquantised activations dispatched."""
@@ -240,7 +301,28 @@ class OneSidedPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
         return True
 
     def supports_async(self) -> bool:
-        return False
+        # vLLM 0.33 runs this synchronous prepare/finalize under DBO through
+        # supports_dbo(); 0.32 has no supports_dbo() and asserts DBO off on the
+        # synchronous path, so there the async entry points (same work) are
+        # offered, and only where steps may be split: elsewhere the modular
+        # kernel's ordering (shared experts, hooks) stays what it was.
+        return self.micro_batches > 1 and not modular_kernel_has_supports_dbo()
+
+    def supports_dbo(self) -> bool:
+        return True
+
+    def prepare_async(self, *args, **kwargs):
+        """``prepare`` for vLLM's async path: the work is done here; the
+        receiver hands out its result (no hook, so vLLM yields nothing extra:
+        the comm region inside already gave the other micro-batch its turn)."""
+        result = self.prepare(*args, **kwargs)
+        return lambda: result
+
+    def finalize_async(self, *args, **kwargs):
+        """``finalize`` for vLLM's async path, as ``(hook, receiver)`` with no
+        hook (see :meth:`prepare_async`)."""
+        self.finalize(*args, **kwargs)
+        return None, lambda: None
 
     # ---------------------------------------------------------------- prepare
     def _runtime_max_tokens(self, num_tokens: int) -> int:
@@ -318,9 +400,12 @@ class OneSidedPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
         ids = topk_ids if topk_ids.dtype == torch.int32 else topk_ids.to(torch.int32)
         weights = topk_weights if topk_weights.dtype == torch.float32 else topk_weights.float()
         m = self._runtime_max_tokens(x.shape[0])
-        result = self.all_to_all.dispatch(
-            x.contiguous(), ids.contiguous(), weights.contiguous(), x_scales=scales,
-            runtime_max_tokens=m)
+        all_to_all = self.all_to_all
+        if self.micro_batches > 1 and dbo_enabled():
+            _HOST_CALLS["overlapped_prepare_calls"] += 1
+        x, ids, weights = x.contiguous(), ids.contiguous(), weights.contiguous()
+        with self._comm_region():
+            result = all_to_all.dispatch(x, ids, weights, x_scales=scales, runtime_max_tokens=m)
         if quantize_after:
             recv_x, recv_scale = quantize_received_per_tensor(result, quant_config)
             return recv_x, recv_scale, None, result.recv_topk_ids, result.recv_topk_weights
@@ -359,10 +444,14 @@ class OneSidedPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
                     output=y, fused_expert_output=fused_expert_output,
                     topk_weights=topk_weights, topk_ids=topk_ids,
                     apply_router_weight_on_input=apply_router_weight_on_input)
+        all_to_all = self.all_to_all
         if output.dtype == self.spec.combine_dtype and output.is_contiguous():
-            self.all_to_all.combine(out=output)
+            with self._comm_region():
+                all_to_all.combine(out=output)
         else:
-            output.copy_(self.all_to_all.combine())
+            with self._comm_region():
+                combined = all_to_all.combine()
+            output.copy_(combined)
 
 
 def _weight_and_reduce_cpu(y: torch.Tensor, fused: torch.Tensor, topk_weights: torch.Tensor,
@@ -394,5 +483,13 @@ def make_prepare_finalize(moe: FusedMoEConfig, quant_config: FusedMoEQuantConfig
     # token budget per DP rank (0.32 has no DP chunking).
     max_tokens = (config.scheduler_config.max_num_batched_tokens
                   if config is not None else moe.max_num_tokens)
+    # Steps may be split in two micro-batches (--enable-dbo, or --ubatch-size 2).
+    micro_batches = config.parallel_config.num_ubatches \
+        if config is not None and config.parallel_config.use_ubatching else 1
+    if micro_batches > MAX_MICRO_BATCHES:
+        raise A2AInputError(
+            f"a2a_one_sided overlaps at most {MAX_MICRO_BATCHES} micro-batches; this config "
+            f"splits steps into {micro_batches} (--ubatch-size)")
     return OneSidedPrepareAndFinalize(all2all_manager, moe, quant_config,
-                                      max_tokens_per_rank=max_tokens, input_dtype=input_dtype)
+                                      max_tokens_per_rank=max_tokens, input_dtype=input_dtype,
+                                      micro_batches=micro_batches)
