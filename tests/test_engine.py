@@ -213,6 +213,50 @@ def test_two_dp_ranks_on_one_gpu_run_our_kernels(tiny_model, tmp_path, graphs, q
                                        "generate_s": [r["generate_s"] for r in ranks]}))
 
 
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "cuda-graphs-compile"])
+def test_two_dp_ranks_with_dual_batch_overlap(tiny_model, tmp_path, graphs):
+    """``--enable-dbo`` with two DP engines on one GPU: vLLM splits steps into two
+    micro-batches (thresholds of 2 tokens; both ranks get two prompts of equal
+    length budget so every step qualifies on both), each micro-batch's
+    dispatch and combine run through its own workspace on vLLM's comm stream.
+    Both ranks' counters move in lock step, micro-batch 1's workspace does
+    real rounds (a whole number of MoE layers: one per layer of every split
+    step), and the greedy tokens equal a DP=1 run of vLLM's own MoE path."""
+    from vllm_a2a_plugin.testing.engine_check import run_dp_on_one_gpu
+
+    flags = _flags(graphs, "bf16") + ["--dbo"]
+    requests = [[{"prompt": PROMPTS[0], "max_tokens": MAX_TOKENS},
+                 {"prompt": PROMPTS[1], "max_tokens": MAX_TOKENS}],
+                [{"prompt": PROMPTS[2], "max_tokens": MAX_TOKENS},
+                 {"prompt": PROMPTS[3], "max_tokens": MAX_TOKENS}]]
+    ranks = run_dp_on_one_gpu(tiny_model, tmp_path, requests,
+                              ["--backend", "a2a_one_sided", *flags], engine_env())
+    reference = engine_check(tiny_model, tmp_path / "reference.json", *_flags(graphs, "bf16"),
+                             requests=requests[0] + requests[1])
+    counts = [check_counts(r) for r in ranks]
+    for phase in ("start", "prefill", "generate"):
+        assert counts[0][phase] == counts[1][phase], (phase, counts)  # lock step
+    split = []
+    for result in ranks:
+        start, done = result["counts_after_start"][0], result["counts_after_generate"][0]
+        second = [c["dispatches_by_micro_batch"][1] for c in (start, done)]
+        split.append({"micro_batch_1_dispatches": second[1] - second[0],
+                      "overlapped_prepare_calls": done["overlapped_prepare_calls"]
+                      - start["overlapped_prepare_calls"],
+                      "by_micro_batch": done["dispatches_by_micro_batch"]})
+    assert split[0]["micro_batch_1_dispatches"] == split[1]["micro_batch_1_dispatches"], split
+    assert split[0]["micro_batch_1_dispatches"] > 0, split  # steps were split
+    assert split[0]["micro_batch_1_dispatches"] % NUM_MOE_LAYERS == 0, split
+    if not graphs:
+        # Eager: every split step's prepare ran in a micro-batch thread, twice per layer.
+        for rank in split:
+            assert rank["overlapped_prepare_calls"] == 2 * rank["micro_batch_1_dispatches"], split
+    summary = compare_greedy(ranks[0]["outputs"] + ranks[1]["outputs"], reference["outputs"],
+                             LOGPROB_TOL["bf16"])
+    print("ENGINE_RESULT", json.dumps({"counts": counts, "split": split, "tokens": summary,
+                                       "generate_s": [r["generate_s"] for r in ranks]}))
+
+
 def test_vllm_serve_dp2_on_one_gpu_idle_rank_runs_our_kernels(tiny_model, tmp_path):
     """``vllm serve`` with DP=2, EP=2, both ranks on one GPU (external load
     balancing: one server per rank), eager, bf16. Every request goes to rank 0;

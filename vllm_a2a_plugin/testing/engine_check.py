@@ -4,7 +4,7 @@ a2a_one_sided round counts, written as JSON.
 One rank (``LLM`` in this process)::
 
     python -m vllm_a2a_plugin.testing.engine_check --model DIR --out run.json \\
-        [--backend a2a_one_sided] [--graphs] [--quantization fp8] \\
+        [--backend a2a_one_sided] [--graphs] [--quantization fp8] [--dbo] \\
         [--request '{"prompt": "...", "max_tokens": 8}' ...]
 
 Several DP ranks sharing ONE GPU: :func:`run_dp_on_one_gpu` starts one such
@@ -98,6 +98,11 @@ def run(args: argparse.Namespace) -> dict:
         kwargs["quantization"] = args.quantization
     if args.backend:
         kwargs.update(enable_expert_parallel=True, all2all_backend=args.backend)
+    if args.dbo:
+        # Dual-batch overlap with the smallest thresholds vLLM accepts (one
+        # token per micro-batch), so the tiny model's steps really split.
+        kwargs.update(enable_dbo=True, dbo_decode_token_threshold=2,
+                      dbo_prefill_token_threshold=2)
     if os.environ.get("VLLM_DP_SIZE"):
         # Two engines on one GPU: no memory profiling, DP sync on gloo.
         kwargs.update(kv_cache_memory_bytes=1 << 30, disable_nccl_for_dp_synchronization=True,
@@ -142,6 +147,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--graphs", action="store_true",
                         help="CUDA graphs + torch.compile (default: eager)")
     parser.add_argument("--quantization", default=None)
+    parser.add_argument("--dbo", action="store_true",
+                        help="dual-batch overlap (--enable-dbo) with thresholds of 2 tokens")
     parser.add_argument("--max-model-len", type=int, default=256)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.3)
     parser.add_argument("--request", action="append", type=json.loads, default=None,
