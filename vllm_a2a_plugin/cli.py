@@ -226,9 +226,12 @@ def _probe(name: str, code: str, timeout: float = PROBE_TIMEOUT_S) -> dict:
         script = os.path.join(tmp, f"{name}_probe.py")
         with open(script, "w") as f:
             f.write(code)
+        # Our kernels use no NVLink multicast, so the probe must not depend on it
+        # (and some hosts must keep it off).
+        env = {**os.environ, "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NCCL_NVLS_ENABLE": "0"}
         try:
             done = subprocess.run([sys.executable, script], capture_output=True, text=True,
-                                  timeout=timeout)
+                                  timeout=timeout, env=env)
         except subprocess.TimeoutExpired:
             return {"ok": False, "detail": f"no answer within {timeout:.0f} s"}
     last = done.stdout.strip().splitlines()[-1:] if done.stdout.strip() else []
