@@ -211,3 +211,12 @@ def test_readme_round_trip_plot_takes_the_median_of_runs(tmp_path):
         paths[-1].write_text(json.dumps(doc))
     out = plot_results.plot_round_trip(paths, tmp_path / "rt.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_probe_failures_are_reported_not_raised():
+    ok = cli._probe("fine", 'import json; print(json.dumps({"ok": True, "detail": "d"}))')
+    assert ok == {"ok": True, "detail": "d"}
+    failed = cli._probe("crash", 'raise SystemExit("symmetric memory refused")')
+    assert failed["ok"] is False and "symmetric memory refused" in failed["detail"]
+    hung = cli._probe("hang", "import time; time.sleep(30)", timeout=1)
+    assert hung == {"ok": False, "detail": "no answer within 1 s"}

@@ -63,7 +63,8 @@ dist.destroy_process_group()
 def test_two_ranks_under_mpirun_form_a_gloo_group():
     mpirun = _require_mpirun()
     done = subprocess.run([mpirun, "-np", "2", sys.executable, "-c", _WORKER], cwd=ROOT,
-                          env=_mpi_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+                          env=_mpi_env(), stdin=subprocess.DEVNULL, capture_output=True,
+                          text=True, timeout=TIMEOUT_S)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     results = sorted((json.loads(line.split("RESULT ", 1)[1])
                       for line in done.stdout.splitlines() if "RESULT " in line),
@@ -81,7 +82,8 @@ def test_multirank_tests_run_their_ranks_in_the_mpirun_processes():
     test = "tests/test_pool_cpu.py::test_pool_on_cpu_serves_the_reference"
     done = subprocess.run([mpirun, "-np", "2", sys.executable, "-m", "pytest", "-q",
                            "-p", "no:cacheprovider", test], cwd=ROOT, env=_mpi_env(),
-                          capture_output=True, text=True, timeout=TIMEOUT_S)
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     assert done.stdout.count("1 passed") == 2, done.stdout[-3000:]
 
