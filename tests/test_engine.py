@@ -139,7 +139,7 @@ def _flags(graphs: bool, quantization: str) -> list[str]:
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "cuda-graphs-compile"])
 def test_single_rank_mode_runs_our_kernels_in_the_engine(tiny_model, tmp_path, graphs,
                                                          quantization):
-    """Issue 12 (test-only mode, one GPU): every MoE layer of a live ``LLM`` runs
+    """Test-only mode, one GPU: every MoE layer of a live ``LLM`` runs
     our prepare -> vLLM's Triton experts -> finalize with our kernels at EP = 1.
     The kernels' device counters prove it (one dispatch and one combine per
     MoE layer per forward step, CUDA-graph replays included) and the greedy
@@ -166,7 +166,7 @@ def test_single_rank_mode_runs_our_kernels_in_the_engine(tiny_model, tmp_path, g
 @pytest.mark.parametrize("quantization", ["bf16", "fp8"])
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "cuda-graphs-compile"])
 def test_two_dp_ranks_on_one_gpu_run_our_kernels(tiny_model, tmp_path, graphs, quantization):
-    """Issue 12: two real DP engines (DP=2, EP=2) share one GPU; their MoE
+    """Two real DP engines (DP=2, EP=2) share one GPU; their MoE
     layers exchange tokens through our kernels over CUDA-IPC workspaces. Rank 1
     finishes its one request after 2 tokens and then runs vLLM's dummy batches
     while rank 0 decodes on (the idle-rank case): both ranks' device counters
