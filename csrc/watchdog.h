@@ -59,6 +59,7 @@ struct alignas(64) WatchdogSlot {
 };
 static_assert(std::atomic<uint64_t>::is_always_lock_free, "shared atomics must be lock-free");
 constexpr uint32_t kWatchdogMagic = 0xA2A0D06u;
+constexpr int kPeerLostExitCode = 75;  // EX_TEMPFAIL: the group must be rebuilt
 
 inline int64_t watchdog_segment_bytes(int64_t num_ranks) {
   return static_cast<int64_t>(sizeof(WatchdogGroupLine)) +
@@ -94,13 +95,19 @@ class PeerWatchdog {
  public:
   // `my_ranks`: the EP ranks this process drives (several for logical ranks on
   // one GPU). `abort_word`: host address of int32[kAbortWordSize].
+  // `exit_after_ns` > 0: end this process (exit code kPeerLostExitCode) that long
+  // after a loss nobody rearmed. For engines, whose step may block in a host
+  // collective with the lost peer (a gloo all-reduce waits on a stopped peer
+  // forever) where no kernel wait and no Python check of ours can end it; the
+  // engine's front end then reports its dead engine. 0: never.
   PeerWatchdog(const std::string& path, int num_ranks, std::vector<int> my_ranks,
-               int32_t* abort_word, int64_t interval_ns, int64_t tick_ns)
+               int32_t* abort_word, int64_t interval_ns, int64_t tick_ns, int64_t exit_after_ns)
       : num_ranks_(num_ranks),
         my_ranks_(std::move(my_ranks)),
         abort_word_(abort_word),
         interval_ns_(interval_ns),
         tick_ns_(tick_ns),
+        exit_after_ns_(exit_after_ns),
         paused_(num_ranks),
         mine_(num_ranks, false) {
     for (auto& p : paused_) p.store(false);
@@ -207,6 +214,7 @@ class PeerWatchdog {
     std::vector<int64_t> last_change(num_ranks_, now_ns());
     int64_t last_tick = now_ns();
     bool tripped = false;
+    int64_t tripped_at = 0;
     while (!stop_.load()) {
       const int64_t now = now_ns();
       for (int r : my_ranks_) {
@@ -221,7 +229,10 @@ class PeerWatchdog {
           last_beat[r] = slot(r)->heartbeat.load();
           last_change[r] = now;
         }
-        if (!blind) tripped = false;
+        if (!blind) {
+          tripped = false;
+          tripped_at = 0;
+        }
       }
       last_tick = now;
       const uint64_t group_lost = group()->lost.load();
@@ -246,6 +257,15 @@ class PeerWatchdog {
           tripped = true;
         }
       }
+      if (tripped && tripped_at == 0) tripped_at = now;
+      if (tripped && exit_after_ns_ > 0 && now - tripped_at > exit_after_ns_) {
+        std::fprintf(stderr, "[a2a_one_sided] watchdog (pid %d): EP rank %d was lost and this "
+                     "process did not stop within %.1f s; exiting (code %d)\n",
+                     static_cast<int>(getpid()), __atomic_load_n(&abort_word_[kAbortPeer], __ATOMIC_RELAXED),
+                     static_cast<double>(exit_after_ns_) * 1e-9, kPeerLostExitCode);
+        std::fflush(stderr);
+        _exit(kPeerLostExitCode);
+      }
       ticks_.fetch_add(1);
       std::this_thread::sleep_for(std::chrono::nanoseconds(tick_ns_));
     }
@@ -256,6 +276,7 @@ class PeerWatchdog {
   int32_t* const abort_word_;
   const int64_t interval_ns_;
   const int64_t tick_ns_;
+  const int64_t exit_after_ns_;
   std::vector<std::atomic<bool>> paused_;
   std::vector<bool> mine_;
   uint8_t* base_ = nullptr;

@@ -13,6 +13,9 @@
 #   bash scripts/gpu_session.sh engine "<-k expr>"   # (bundle) engine tests, e.g. "eager and bf16"
 #   bash scripts/gpu_session.sh bench [args]    # (bundle: flashinfer baseline) bench_a2a.py suite
 #   bash scripts/gpu_session.sh sglang          # SGLang from .whl-sglang (carry it) + our GPU test
+#   bash scripts/gpu_session.sh faults          # lost peers: watchdog + GPU fault tests, >= 100 faults
+#                                               # per kind -> $OUT/fault_detection.{json,png}
+#   bash scripts/gpu_session.sh engine_faults   # (bundle) vLLM DP=2 on one GPU: kill -9 / SIGSTOP a rank
 #     .whl-sglang (53 MB, for the GPU machine's Python 3.12) is built here with
 #     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #       -d .whl-sglang -r scripts/sglang_gpu_wheels.txt
@@ -101,5 +104,17 @@ PY
     python3 -m pytest tests/test_sglang_plugin.py tests/test_sglang_dispatch_cpu.py \
       tests/test_sglang_gpu.py -q --timeout 300 -p no:cacheprovider -rs \
       2>&1 | tee "$out/sglang.log" | tail -25 ;;
+  faults)
+    install_plugin
+    python3 -m pytest tests/test_watchdog_cpu.py tests/test_faults_gpu.py -k "watchdog or lost or slow" \
+      -q --timeout 300 -p no:cacheprovider -rs 2>&1 | tee "$out/faults.log" | tail -15
+    python3 benchmarks/fault_detection.py --faults "${FAULTS:-100}" --interval "${FAULT_INTERVAL_S:-0.25}" \
+      --json "$out/fault_detection.json" --plot "$out/fault_detection.png" 2>&1 \
+      | tee "$out/fault_detection.log" | tail -60 ;;
+  engine_faults)
+    with_vllm
+    python3 -m pytest tests/test_engine_faults.py -v -s --timeout 400 -p no:cacheprovider -rs \
+      2>&1 | tee "$out/engine_faults.log" | grep -E "FAULT_RESULT|PASSED|FAILED|SKIPPED|Error|^E " | tail -40
+    cp /tmp/pytest-of-*/pytest-*/test_dp2_*/rank*.log "$out/" 2>/dev/null || true ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
 esac

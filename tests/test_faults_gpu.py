@@ -19,6 +19,7 @@ import time
 import pytest
 import torch
 
+from benchmarks.fault_detection import KINDS, FaultRig
 from benchmarks.soak_reference import Checker, SoakCase, generate_round
 from tests.data import random_token_counts
 from tests.multiproc import run_ranks
@@ -28,6 +29,7 @@ from vllm_a2a_plugin.all_to_all import PHASE_SEND
 from vllm_a2a_plugin.errors import (
     A2AExpertIdError,
     A2AMismatchError,
+    A2APeerLostError,
     A2AStateError,
     A2ATimeoutError,
 )
@@ -469,3 +471,175 @@ def test_processes_stall_and_recover_over_symmetric_memory():
 def test_processes_sharing_a_gpu_stall_and_recover_over_cuda_ipc():
     """Two processes on one GPU time-slice it (ms per flag round trip): a longer timeout."""
     run_ranks(_rank_stall_and_recover, 2, "cuda_ipc_one_gpu", 1.5, timeout_s=120)
+
+
+# ------------------------------------------------------------------ lost peers
+WATCHDOG_INTERVAL_S = 0.2
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_lost_peer_ends_every_wait_within_50ms_and_recovers(kind):
+    """Three faults of one kind on 4 logical ranks, 2 rounds queued behind the
+    stuck one on every survivor (benchmarks/fault_detection.py runs >= 100)."""
+    rig = FaultRig(ep_size=4, interval_s=WATCHDOG_INTERVAL_S, queued=2, seed=7)
+    try:
+        for _ in range(3):
+            assert rig.checked_round()
+            result = rig.inject(kind)
+            assert not result.hang, result
+            assert result.errors_ok, result.error
+            assert not result.wrong, "a round after recover() differed from the reference"
+            assert result.exit_ms < 50, f"kernels left {result.exit_ms:.1f} ms after the abort"
+            interval_ms = WATCHDOG_INTERVAL_S * 1e3
+            if kind == "kill":  # seen on the next tick (interval / 10), not after the interval
+                assert result.detect_ms < interval_ms, result
+            else:  # a heartbeat must stand still for the whole interval first
+                assert interval_ms - 5 <= result.detect_ms < interval_ms + 500, result
+            phase = "combine" if kind == "stall_combine" else "dispatch"
+            assert f"rank {result.victim} was lost" in result.error
+            assert f"stopped {phase} at epoch 2" in result.error, result.error
+    finally:
+        rig.close()
+
+
+def test_rank_slow_for_five_intervals_trips_nothing():
+    """A slow peer (its GPU busy for 5x the interval) is not a lost one: its
+    heartbeat thread lives, so the round completes, exact, with no error."""
+    spec = small_spec(4)
+    ranks = LocalRanks(spec, mode="concurrent", config=A2AConfig(timeout_s=30.0))
+    ranks.start_watchdog(WATCHDOG_INTERVAL_S)
+    try:
+        gen = torch.Generator().manual_seed(11)
+        xs, ids, ws = step_inputs(spec, gen, [3, 5, 0, 8])
+
+        def dispatch(rank):
+            ranks.ranks[rank].dispatch(xs[rank], ids[rank], ws[rank], runtime_max_tokens=8,
+                                       check_expert_ids=False)
+
+        launch_each_rank(ranks, dispatch, stalled_rank=2, stall_s=5 * WATCHDOG_INTERVAL_S)
+        ranks.synchronize()
+        assert not ranks.abort.raised and ranks.failures() == {}
+        ranks.combine()
+        ranks.synchronize()
+        run_round(ranks, gen, [2, 2, 7, 1])  # still exact afterwards
+        assert epochs(ranks) == [(2, 2)] * 4
+    finally:
+        ranks.close()
+
+
+def _rank_lost_process(rank: int, world_size: int, port: int, scenario: str, out) -> None:
+    """Two processes on one GPU through the pool (CUDA IPC, the watchdog started
+    with the first workspace). Rank 1 is killed or stopped by the test while
+    rank 0 waits in dispatch for it."""
+    import os
+
+    import torch.distributed as dist
+
+    from vllm_a2a_plugin.pool import AllToAllPool
+
+    os.environ["VLLM_A2A_PEER_INTERVAL_S"] = str(WATCHDOG_INTERVAL_S)
+    torch.cuda.set_device(0)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world_size)
+    spec = AllToAllSpec(ep_size=world_size, max_tokens_per_rank=8, hidden_size=256, top_k=2,
+                        num_experts=8)
+    pool = AllToAllPool(dist.group.WORLD, device="cuda",
+                        config=A2AConfig(timeout_s=60.0, check_expert_ids=False))
+    a2a = pool.all_to_all(spec)
+    gen = torch.Generator().manual_seed(5)
+    xs, ids, ws, _, _ = make_inputs(gen, spec, [4] * world_size)
+
+    def full_round() -> None:
+        a2a.dispatch(xs[rank].cuda(), ids[rank].cuda(), ws[rank].cuda(), runtime_max_tokens=4)
+        a2a.combine(a2a.combine_input())
+        a2a.synchronize()
+
+    full_round()
+    dist.barrier()
+    out.put(("ready", rank, os.getpid()))
+    if rank == 1:
+        while not a2a.abort.raised:  # killed here, or stopped and later resumed
+            time.sleep(0.001)
+    else:
+        a2a.dispatch(xs[rank].cuda(), ids[rank].cuda(), ws[rank].cuda(), runtime_max_tokens=4)
+        a2a.combine(a2a.combine_input())  # queued behind the stuck dispatch
+    start = time.time()
+    try:
+        while True:
+            a2a.check_errors()
+            time.sleep(0.001)
+    except A2APeerLostError as exc:
+        err = exc
+    torch.cuda.synchronize()  # every queued kernel ends: no hang
+    out.put(("lost", rank, (err.peer, err.phase, err.reason), time.time(), time.time() - start))
+    if scenario == "stop":  # both alive again: the group recovers and runs exact rounds
+        pool.recover()
+        full_round()
+        out.put(("recovered", rank, a2a.failure is None, time.time(), 0.0))
+        dist.barrier()
+        pool.destroy()
+        dist.destroy_process_group()
+    else:
+        os._exit(0)  # the group is broken (its peer is gone): no collective teardown
+
+
+@pytest.mark.parametrize("scenario", ["kill", "stop"])
+def test_processes_sharing_a_gpu_lost_peer_is_seen_fast(scenario):
+    """kill -9 (or SIGSTOP) one of two CUDA processes mid-step: the other raises
+    A2APeerLostError within the interval plus slack, not after its 60 s timeout.
+    A stopped peer that resumes sees the same loss, and both recover."""
+    import os
+    import queue as queue_module
+    import signal
+
+    import torch.multiprocessing as mp
+
+    from vllm_a2a_plugin.testing.serve import free_port
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_rank_lost_process, args=(r, 2, port, scenario, out),
+                         daemon=True) for r in range(2)]
+    for p in procs:
+        p.start()
+
+    def collect(kind, count, timeout_s=120):
+        found, deadline = {}, time.monotonic() + timeout_s
+        while len(found) < count:
+            try:
+                msg = out.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue_module.Empty:
+                raise AssertionError(f"only {sorted(found)} reported {kind}") from None
+            if msg[0] == kind:
+                found[msg[1]] = msg[2:]
+        return found
+
+    try:
+        ready = collect("ready", 2)
+        time.sleep(0.5)  # rank 0's dispatch is spinning on rank 1 by now
+        fault_at = time.time()
+        os.kill(ready[1][0], signal.SIGKILL if scenario == "kill" else signal.SIGSTOP)
+        lost = collect("lost", 1)
+        (peer, phase, reason), seen_at, _ = lost[0]
+        assert (peer, phase) == (1, "dispatch")
+        assert seen_at - fault_at < WATCHDOG_INTERVAL_S + 2.0, seen_at - fault_at
+        if scenario == "kill":
+            assert reason == "its process is gone"
+            return
+        assert "heartbeat stopped" in reason
+        os.kill(ready[1][0], signal.SIGCONT)
+        resumed = collect("lost", 1)
+        assert resumed[1][0][0] == 1, "the resumed rank names the same lost peer"
+        recovered = collect("recovered", 2)
+        assert recovered[0][0] and recovered[1][0]
+    finally:
+        for p in procs:
+            if p.is_alive():
+                try:
+                    os.kill(p.pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
+            p.join(30)
+            if p.is_alive():
+                p.kill()

@@ -250,3 +250,23 @@ def test_departed_peer_is_not_lost():
         assert quiet[0][0], "a rank that left on purpose was reported lost"
     finally:
         _finish(procs)
+
+
+def _lose_and_wait(exit_after_s: float) -> None:
+    abort = AbortWord()
+    watchdog = PeerWatchdog.start_local(2, abort=abort, interval_s=0.2,
+                                        exit_after_s=exit_after_s)
+    watchdog.pause_heartbeat(1)
+    time.sleep(30)  # ended by the watchdog long before this
+
+
+def test_unhandled_loss_ends_the_process_when_asked():
+    """With exit_after_s, a process still alive that long after a loss nobody
+    rearmed exits with code 75 (an engine blocked in a host collective)."""
+    ops.load()
+    proc = mp.get_context("spawn").Process(target=_lose_and_wait, args=(0.3,), daemon=True)
+    started = time.monotonic()
+    proc.start()
+    proc.join(25)
+    assert proc.exitcode == 75, proc.exitcode
+    assert time.monotonic() - started < 25

@@ -83,3 +83,16 @@ def peer_interval_seconds(default: float) -> float:
     if value < 0:
         raise ValueError(f"VLLM_A2A_PEER_INTERVAL_S must be >= 0, got {raw!r}")
     return value
+
+
+def peer_lost_exit_seconds() -> float:
+    """``VLLM_A2A_PEER_LOST_EXIT_S``: end the process this long after the watchdog
+    saw a peer lost and nothing rearmed it (``0``, the default: never). For
+    engines whose step can block in a host collective with the lost peer."""
+    raw = os.environ.get("VLLM_A2A_PEER_LOST_EXIT_S")
+    if raw is None or raw == "":
+        return 0.0
+    value = float(raw)
+    if value < 0:
+        raise ValueError(f"VLLM_A2A_PEER_LOST_EXIT_S must be >= 0, got {raw!r}")
+    return value

@@ -155,16 +155,23 @@ class PeerWatchdog:
         abort: the abort word it raises.
         interval_s: how long a heartbeat may stand still before its rank is lost.
         tick_s: how often the thread beats and looks (default interval / 10).
+        exit_after_s: end this process (exit code 75) this long after a loss
+            nobody rearmed; 0 never. For engines: a step blocked in a host
+            collective with the lost peer (a gloo all-reduce waiting on a
+            stopped peer) is ended by nothing else, and the engine's front end
+            reports a dead engine (``VLLM_A2A_PEER_LOST_EXIT_S``).
     """
 
     def __init__(self, *, segment_path: str, num_ranks: int, my_ranks: list[int],
                  abort: AbortWord, interval_s: float = DEFAULT_INTERVAL_S,
-                 tick_s: float | None = None):
+                 tick_s: float | None = None, exit_after_s: float = 0.0):
         if interval_s <= 0:
             raise A2AInputError(f"interval_s must be positive, got {interval_s}")
         tick_s = interval_s / 10 if tick_s is None else tick_s
         if not 0 < tick_s <= interval_s:
             raise A2AInputError(f"tick_s ({tick_s}) must be in (0, interval_s={interval_s}]")
+        if exit_after_s < 0:
+            raise A2AInputError(f"exit_after_s must be >= 0, got {exit_after_s}")
         ops.load()
         self.num_ranks = num_ranks
         self.my_ranks = list(my_ranks)
@@ -173,12 +180,13 @@ class PeerWatchdog:
         self.tick_s = tick_s
         self._handle = int(torch.ops.a2a_one_sided.watchdog_start(
             segment_path, num_ranks, self.my_ranks, abort.tensor, int(interval_s * 1e9),
-            max(1, int(tick_s * 1e9))))
+            max(1, int(tick_s * 1e9)), int(exit_after_s * 1e9)))
 
     @classmethod
     def start_for_group(cls, cpu_group, *, abort: AbortWord,
                         interval_s: float = DEFAULT_INTERVAL_S,
-                        tick_s: float | None = None) -> "PeerWatchdog":
+                        tick_s: float | None = None,
+                        exit_after_s: float = 0.0) -> "PeerWatchdog":
         """Start the watchdogs of an EP group, one rank per process: collective.
 
         Rank 0 creates the segment and names it through ``cpu_group``; every
@@ -192,7 +200,7 @@ class PeerWatchdog:
         dist.broadcast_object_list(name, src=dist.get_global_rank(cpu_group, 0),
                                    group=cpu_group)
         watchdog = cls(segment_path=name[0], num_ranks=world, my_ranks=[rank], abort=abort,
-                       interval_s=interval_s, tick_s=tick_s)
+                       interval_s=interval_s, tick_s=tick_s, exit_after_s=exit_after_s)
         dist.barrier(group=cpu_group)
         if rank == 0:
             os.unlink(name[0])
@@ -201,14 +209,16 @@ class PeerWatchdog:
     @classmethod
     def start_local(cls, num_ranks: int, *, abort: AbortWord,
                     interval_s: float = DEFAULT_INTERVAL_S,
-                    tick_s: float | None = None) -> "PeerWatchdog":
+                    tick_s: float | None = None,
+                    exit_after_s: float = 0.0) -> "PeerWatchdog":
         """A watchdog for ``num_ranks`` logical ranks all driven by this process:
         the same thread and segment, so :meth:`pause_heartbeat` on one of them
         takes the path a stopped peer process takes."""
         path = _create_segment(num_ranks)
         try:
             return cls(segment_path=path, num_ranks=num_ranks, my_ranks=list(range(num_ranks)),
-                       abort=abort, interval_s=interval_s, tick_s=tick_s)
+                       abort=abort, interval_s=interval_s, tick_s=tick_s,
+                       exit_after_s=exit_after_s)
         finally:
             os.unlink(path)
 
