@@ -37,10 +37,17 @@ logger = logging.getLogger(__name__)
 
 
 
-def _shape_key(spec: AllToAllSpec) -> tuple:
-    """What must match for two layers to share a workspace (all but capacity)."""
+# Micro-batches that may be in flight at once (vLLM's dual-batch overlap, SGLang's
+# two-batch overlap): each has its own workspaces, so two rounds never share
+# receive slots, flags or epochs.
+MAX_MICRO_BATCHES = 2
+
+
+def _shape_key(spec: AllToAllSpec, micro_batch: int) -> tuple:
+    """What must match for two layers to share a workspace (all but capacity),
+    and the micro-batch that owns it."""
     return (spec.hidden_size, spec.top_k, spec.num_experts, spec.dispatch_dtype,
-            spec.scale_cols, spec.extra_payload_row_bytes, spec.combine_dtype)
+            spec.scale_cols, spec.extra_payload_row_bytes, spec.combine_dtype, micro_batch)
 
 
 class AllToAllPool:
@@ -79,7 +86,8 @@ class AllToAllPool:
         self.abort: AbortWord | None = AbortWord() if self.use_kernels else None
         self.watchdog: PeerWatchdog | None = None
 
-    def all_to_all(self, spec: AllToAllSpec, *, expert_owner: torch.Tensor | None = None):
+    def all_to_all(self, spec: AllToAllSpec, *, expert_owner: torch.Tensor | None = None,
+                   micro_batch: int = 0):
         """The all-to-all for ``spec``: created once, reused, grown when a layer
         needs more tokens. Every EP rank calls this in the same order (same
         model), so collective (re)allocation stays in step.
@@ -88,6 +96,12 @@ class AllToAllPool:
             spec: the layer's shape; ``spec.ep_size`` must be the group's size.
             expert_owner: ``[num_experts]`` int32 rank of every expert (default:
                 linear placement); layers sharing a shape must share it.
+            micro_batch: which of the step's micro-batches (``0`` or ``1``) the
+                all-to-all serves. Each micro-batch gets its own workspace, so
+                one micro-batch's round may be in flight while the other's is
+                sent or waited for. Ask for every micro-batch an engine will use
+                when the layer is built: allocation is collective, and a first
+                request in the middle of a forward would allocate there.
 
         Returns:
             :class:`OneSidedAllToAll` (CUDA) or :class:`ReferenceAllToAll` (CPU).
@@ -96,7 +110,10 @@ class AllToAllPool:
             raise A2AInputError(
                 f"layer asks for ep_size {spec.ep_size} but this EP group has "
                 f"{self.world_size} ranks")
-        key = _shape_key(spec)
+        if micro_batch not in range(MAX_MICRO_BATCHES):
+            raise A2AInputError(
+                f"micro_batch must be in [0, {MAX_MICRO_BATCHES}), got {micro_batch}")
+        key = _shape_key(spec, micro_batch)
         existing = self._all_to_alls.get(key)
         if existing is not None:
             old_spec, a2a = existing
@@ -248,6 +265,8 @@ class AllToAllPool:
         for key in list(self._all_to_alls):
             self._release(key, wait_for_peers=False)
 
-    def all_to_alls(self) -> list:
-        """Every all-to-all handed out so far (for counters and tests)."""
-        return [a2a for _, a2a in self._all_to_alls.values()]
+    def all_to_alls(self, micro_batch: int | None = None) -> list:
+        """Every all-to-all handed out so far (for counters and tests), or
+        those of one micro-batch."""
+        return [a2a for key, (_, a2a) in self._all_to_alls.items()
+                if micro_batch is None or key[-1] == micro_batch]
