@@ -77,7 +77,11 @@ __device__ __forceinline__ int pad_id_of(int rank, int pad_lo, int pad_hi) {
   return rank < 32 ? lo : hi;
 }
 
-__device__ void send_tokens(const DispatchParams& dp) {
+// `aborted`: this rank's abort mark, read at kernel entry and first used here,
+// after the routing and payload loads are in flight, so its latency hides
+// behind theirs (a check before the first load would add a round trip to
+// every dispatch). An aborted round sends nothing.
+__device__ void send_tokens(const DispatchParams& dp, bool aborted) {
   const CommonParams& p = dp.common;
   const int lane = threadIdx.x % 32;
   const int warps_per_block = blockDim.x / 32;
@@ -120,6 +124,7 @@ __device__ void send_tokens(const DispatchParams& dp) {
                                                int64_t(t) * row0_bytes),
                 span0.begin, span0.end, lane, first_pass);
     }
+    if (aborted) return;  // warp-uniform: every lane read the same word
     if (real && lane < k) {
       if (expert >= 0 && expert < p.num_experts) {
         owner = p.expert_owner[expert];
@@ -207,17 +212,20 @@ __global__ void dispatch_kernel(const __grid_constant__ DispatchParams dp) {
   // Stable for the whole launch: only the last block's wait phase advances it,
   // after every block has read it (each read it before arriving at the counter).
   const uint32_t epoch = *reinterpret_cast<volatile uint32_t*>(&my_hdr->dispatch_epoch) + 1;
-  // A peer was lost (an earlier wait of this rank saw the abort word): a no-op,
-  // without sending to it. Grid-uniform: only a wait phase sets the mark, and in
-  // a launch with a send phase that runs after every block arrived.
-  if (rank_aborted(my_hdr)) return;
+  // A peer was lost (an earlier wait of this rank saw the abort word): a no-op
+  // that sends nothing, raises no flag and waits for nobody. Grid-uniform: only a
+  // wait phase sets the mark, and in a launch with a send phase that runs after
+  // every block arrived. Blocks still count themselves (arrive_last_block), so
+  // the block counter stays right for the next launch.
+  const bool aborted = rank_aborted(my_hdr);
   const bool fused = (p.phases & kPhaseSend) && (p.phases & kPhaseWait);
 
   if (p.phases & kPhaseSend) {
-    send_tokens(dp);
-    if (!arrive_last_block(&my_hdr->dispatch_blocks_done)) return;
+    send_tokens(dp, aborted);
+    if (!arrive_last_block(&my_hdr->dispatch_blocks_done) || aborted) return;
     raise_dispatch_flags(p, epoch, fused);
   }
+  if (aborted) return;
   if (p.phases & kPhaseWait) {
     if ((p.phases & kPhaseSend) == 0 && blockIdx.x != 0) return;
     wait_for_senders(p, epoch, fused);
