@@ -270,3 +270,34 @@ def test_unhandled_loss_ends_the_process_when_asked():
     proc.join(25)
     assert proc.exitcode == 75, proc.exitcode
     assert time.monotonic() - started < 25
+
+
+@pytest.mark.parametrize("fault", ["kill", "stop"])
+def test_benchmark_victim_process_beats_the_shared_slot(fault):
+    """benchmarks/fault_detection.py's victim writes the slot layout of
+    csrc/watchdog.h from Python: alive while it beats, lost when killed/stopped."""
+    import subprocess
+    import sys
+
+    from benchmarks.fault_detection import _VICTIM
+    from vllm_a2a_plugin.watchdog import _create_segment
+
+    path = _create_segment(3)
+    abort = AbortWord()
+    watchdog = PeerWatchdog(segment_path=path, num_ranks=3, my_ranks=[0, 1], abort=abort,
+                            interval_s=INTERVAL_S)
+    proc = subprocess.Popen([sys.executable, "-c", _VICTIM, path, "2", str(INTERVAL_S / 10)])
+    try:
+        deadline = time.monotonic() + 30
+        while watchdog.alive_ranks() < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.unlink(path)
+        assert watchdog.alive_ranks() == 3, "the victim never marked its slot alive"
+        assert _stays_clear(abort, 3 * INTERVAL_S)
+        os.kill(proc.pid, signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
+        assert _wait_raised(abort, INTERVAL_S + SLACK_S) is not None
+        assert abort.lost() == (2, LOST_PROCESS_GONE if fault == "kill" else LOST_HEARTBEAT)
+    finally:
+        proc.kill()
+        proc.wait()
+        watchdog.stop(depart=False)
