@@ -30,10 +30,12 @@ before resetting the workspaces).
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import os
 import time
 import uuid
+import weakref
 
 import torch
 
@@ -51,6 +53,10 @@ REASONS = {
 }
 DEFAULT_INTERVAL_S = 1.0
 _SHM_DIR = "/dev/shm"
+# Watchdogs still running, stopped (as departures) at interpreter exit: their
+# thread writes an abort word that Python owns, so it must end before Python
+# frees it (a C++ static destructor would run after that).
+_running: "weakref.WeakSet[PeerWatchdog]" = weakref.WeakSet()
 
 
 def reason_text(reason: int) -> str:
@@ -181,6 +187,7 @@ class PeerWatchdog:
         self._handle = int(torch.ops.a2a_one_sided.watchdog_start(
             segment_path, num_ranks, self.my_ranks, abort.tensor, int(interval_s * 1e9),
             max(1, int(tick_s * 1e9)), int(exit_after_s * 1e9)))
+        _running.add(self)
 
     @classmethod
     def start_for_group(cls, cpu_group, *, abort: AbortWord,
@@ -300,5 +307,14 @@ class PeerWatchdog:
     def __del__(self):
         try:
             self.stop()
+        except Exception:  # noqa: BLE001 - interpreter teardown
+            pass
+
+
+@atexit.register
+def _stop_running_watchdogs() -> None:
+    for watchdog in list(_running):
+        try:
+            watchdog.stop(depart=True)
         except Exception:  # noqa: BLE001 - interpreter teardown
             pass
