@@ -15,7 +15,8 @@
 #   bash scripts/gpu_session.sh sglang          # SGLang from .whl-sglang (carry it) + our GPU test
 #   bash scripts/gpu_session.sh faults          # lost peers: watchdog + GPU fault tests, >= 100 faults
 #                                               # per kind -> $OUT/fault_detection.{json,png}
-#   bash scripts/gpu_session.sh engine_faults   # (bundle) vLLM DP=2 on one GPU: kill -9 / SIGSTOP a rank
+#   bash scripts/gpu_session.sh engine_faults "<-k expr>"  # (bundle) vLLM DP=2 on one GPU, a rank
+#                                               # killed / stopped; default -k kill (~4 min each)
 #     .whl-sglang (53 MB, for the GPU machine's Python 3.12) is built here with
 #     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #       -d .whl-sglang -r scripts/sglang_gpu_wheels.txt
@@ -114,7 +115,7 @@ PY
   engine_faults)
     with_vllm
     python3 -m pytest tests/test_engine_faults.py -v -s --timeout 400 -p no:cacheprovider -rs \
-      2>&1 | tee "$out/engine_faults.log" | grep -E "FAULT_RESULT|PASSED|FAILED|SKIPPED|Error|^E " | tail -40
+      -k "${2:-kill}" 2>&1 | tee "$out/engine_faults.log" | grep -E "FAULT_RESULT|PASSED|FAILED|SKIPPED|Error|^E " | tail -40
     cp /tmp/pytest-of-*/pytest-*/test_dp2_*/rank*.log "$out/" 2>/dev/null || true ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
 esac
