@@ -8,7 +8,14 @@ STANDARD output, through the same path serving takes for our backend (the a2a
 name is SGLang's CUSTOMIZED member, which has no fused function, so the Triton
 runner's pre-permute -> run -> post-permute path runs). Ranks with zero tokens,
 bf16 and fp8 1x128 block dispatch, and a CUDA-graph capture replayed with new
-data are covered. Skipped unless SGLang, a GPU and our kernels are present.
+data are covered, as are two-batch overlap's two micro-batches in flight on
+separate workspaces (SGLang's ``dispatch_a``/``dispatch_b``/``combine_a``/
+``combine_b`` order).
+
+Then one EP rank per process, 2 and 3 processes sharing the GPU: the pool
+shares their workspaces through CUDA IPC (torch symmetric memory and NCCL both
+refuse two ranks on one device), eager and under CUDA-graph capture/replay.
+Skipped unless SGLang, a GPU and our kernels are present.
 """
 
 from __future__ import annotations
@@ -183,3 +190,163 @@ def test_cuda_graph_capture_replays_with_new_data():
                                        msg=f"rank {rank}, replay seed {seed}")
     rounds = [a2a.completed_rounds() for a2a in setup.local.ranks]
     assert all(r == (3, 3) for r in rounds), rounds  # warm-up and two replays (capture runs nothing)
+
+
+def test_two_batch_overlap_micro_batches_in_flight_on_separate_workspaces():
+    """SGLang's TBO order on P logical ranks: both micro-batches' sends
+    (``dispatch_a``), other compute, then each one's wait -> Triton runner ->
+    ``combine_a``, then both ``combine_b``. Each micro-batch has its own
+    workspace; results equal the dense MoE and every workspace ran every round."""
+    p, counts = 4, ([5, 0, 9, 2], [1, 7, 0, 4])
+    runner_config_cls, runner_cls, quant_info_cls, backend = _sglang_triton_runner_or_skip()
+    from sglang.srt.layers.moe.topk import StandardTopKOutput
+
+    from vllm_a2a_plugin import A2AConfig, LocalRanks
+    from vllm_a2a_plugin.sglang.dispatcher import EpPlacement, OneSidedDispatcher
+
+    setup = _Setup(p, dispatch_fp8=False)
+    second = LocalRanks(setup.local.spec, mode="split",
+                        config=A2AConfig(timeout_s=10.0, check_expert_ids=False))
+    workspaces = (setup.local, second)
+    # Separate workspaces: no buffer of one micro-batch's all-to-all is the other's.
+    assert not set(setup.local.workspace.peer_ptrs) & set(second.workspace.peer_ptrs)
+    dispatchers = []
+    for rank in range(p):
+        placement = EpPlacement(cpu_group=None, rank=rank, size=p, device=setup.device,
+                                attn_tp_size=1, max_tokens_per_rank=setup.local.spec
+                                .max_tokens_per_rank)
+        dispatchers.append(OneSidedDispatcher(
+            placement, num_experts=NUM_EXPERTS, hidden_size=HIDDEN, top_k=TOP_K,
+            params_dtype=torch.bfloat16, runner_backend=backend.TRITON, micro_batches=2,
+            all_to_all=(setup.local.ranks[rank], second.ranks[rank])))
+    steps = 2
+    for step in range(steps):
+        inputs = [setup.tokens(counts[mb] if step == 0 else counts[mb][::-1], seed=40 + 2 * step
+                               + mb) for mb in range(2)]
+        # Each micro-batch's per-rank counts are published before its sends (an
+        # engine that publishes none makes the ranks agree on M over their CPU
+        # group: tests/test_sglang_dispatch_cpu.py).
+        for mb, (xs, topks) in enumerate(inputs):
+            _set_dp_counts([x.shape[0] for x in xs])
+            for d, x, (w, ids) in zip(dispatchers, xs, topks):
+                d.dispatch_a(hidden_states=x, topk_output=StandardTopKOutput(w, ids, None),
+                             tbo_subbatch_index=mb)
+        # Compute of "the other micro-batch" between the sends and the waits.
+        filler = torch.randn((2048, 2048), device=setup.device, dtype=torch.bfloat16)
+        filler = filler @ filler
+        for mb in range(2):
+            received = [d.dispatch_b(tbo_subbatch_index=mb) for d in dispatchers]
+            combine_inputs = [runner.run(out, info) for runner, out, info in
+                              zip(setup.runners, received, setup.quant_infos)]
+            for d, ci in zip(dispatchers, combine_inputs):
+                d.combine_a(combine_input=ci, tbo_subbatch_index=mb)
+        outs = [[d.combine_b(tbo_subbatch_index=mb) for d in dispatchers] for mb in range(2)]
+        for local in workspaces:
+            local.synchronize()
+        assert torch.isfinite(filler).all()
+        for mb, (xs, topks) in enumerate(inputs):
+            for rank in range(p):
+                expected = setup.dense(xs[rank], *topks[rank], fp8_input=False)
+                torch.testing.assert_close(outs[mb][rank].float(), expected, rtol=3e-2,
+                                           atol=3e-2, msg=f"step {step}, micro-batch {mb}, "
+                                           f"rank {rank}")
+    for local in workspaces:
+        assert all(a2a.completed_rounds() == (steps, steps) for a2a in local.ranks), \
+            [a2a.completed_rounds() for a2a in local.ranks]
+
+
+def _rank_processes(rank, world_size, port, counts_per_step, dispatch_fp8, graphs):
+    """One EP rank per process, all on GPU 0: SGLang's Triton runner on this
+    rank's experts between our dispatcher's dispatch and combine, workspaces
+    shared through CUDA IPC by the pool (as an SGLang server with several EP
+    ranks on one GPU would have them)."""
+    import torch.distributed as dist
+
+    torch.cuda.set_device(0)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    runner_config_cls, runner_cls, quant_info_cls, backend = _sglang_triton_runner_or_skip()
+    from sglang.srt.layers.moe.topk import StandardTopKOutput
+
+    from vllm_a2a_plugin.sglang.dispatcher import (EpPlacement, OneSidedDispatcher, destroy_pools,
+                                                   pool_for)
+
+    _select_our_backend()
+    device = torch.device("cuda", 0)
+    gen = torch.Generator(device="cpu").manual_seed(3)
+    w13 = (torch.randn((NUM_EXPERTS, 2 * INTER, HIDDEN), generator=gen) / HIDDEN ** 0.5)
+    w2 = (torch.randn((NUM_EXPERTS, HIDDEN, INTER), generator=gen) / INTER ** 0.5)
+    w13, w2 = w13.to(device, torch.bfloat16), w2.to(device, torch.bfloat16)
+    per_rank = NUM_EXPERTS // world_size
+    mine = slice(rank * per_rank, (rank + 1) * per_rank)
+    placement = EpPlacement(cpu_group=dist.group.WORLD, rank=rank, size=world_size,
+                            device=device, attn_tp_size=1, max_tokens_per_rank=32)
+    dispatcher = OneSidedDispatcher(placement, num_experts=NUM_EXPERTS, hidden_size=HIDDEN,
+                                    top_k=TOP_K, params_dtype=torch.bfloat16,
+                                    runner_backend=backend.TRITON, dispatch_fp8=dispatch_fp8)
+    assert pool_for(dist.group.WORLD, device).allocation == "cuda_ipc"
+    config = runner_config_cls(
+        num_experts=NUM_EXPERTS, num_local_experts=per_rank, hidden_size=HIDDEN,
+        intermediate_size_per_partition=INTER, top_k=TOP_K, num_fused_shared_experts=0,
+        params_dtype=torch.bfloat16, runner_backend=backend.TRITON, activation="silu",
+        inplace=False)
+    runner = runner_cls(backend.TRITON, config)
+    info = quant_info_cls(w13_weight=w13[mine].contiguous(), w2_weight=w2[mine].contiguous())
+    setup = _Setup.__new__(_Setup)  # only its dense reference and token maker
+    setup.device, setup.w13, setup.w2 = device, w13, w2
+
+    def layer(x, w, ids):
+        received = dispatcher.dispatch(x, StandardTopKOutput(w, ids, None))
+        return dispatcher.combine(runner.run(received, info))
+
+    for step, counts in enumerate(counts_per_step):
+        _set_dp_counts(counts)
+        xs, topks = setup.tokens(counts, seed=60 + step)
+        x, (w, ids) = xs[rank], topks[rank]
+        if graphs:
+            layer(x, w, ids)  # warm-up: Triton compile, allocator pools
+            torch.cuda.synchronize()
+            dist.barrier()
+            graph = torch.cuda.Graph()
+            with torch.cuda.graph(graph):
+                out = layer(x, w, ids)
+            new_xs, new_topks = setup.tokens(counts, seed=90 + step)
+            x.copy_(new_xs[rank])
+            w.copy_(new_topks[rank][0])
+            ids.copy_(new_topks[rank][1])
+            dist.barrier()
+            graph.replay()
+        else:
+            out = layer(x, w, ids)
+        torch.cuda.synchronize()
+        assert out.shape == (counts[rank], HIDDEN)
+        expected = setup.dense(x, w, ids, fp8_input=dispatch_fp8)
+        torch.testing.assert_close(out.float(), expected, rtol=3e-2, atol=3e-2,
+                                   msg=f"rank {rank} of {world_size}, step {step}")
+    rounds = dispatcher.all_to_all.completed_rounds()
+    want = len(counts_per_step) * (2 if graphs else 1)
+    assert rounds == (want, want), rounds
+    dist.barrier()
+    destroy_pools()
+
+
+@pytest.mark.parametrize("world_size, counts", [
+    (2, [[6, 0], [3, 9]]),
+    (3, [[4, 0, 7], [0, 0, 5]]),
+])
+@pytest.mark.parametrize("dispatch_fp8", [False, True], ids=["bf16", "fp8"])
+def test_processes_sharing_the_gpu_under_sglangs_triton_runner(world_size, counts,
+                                                                 dispatch_fp8, monkeypatch):
+    from tests.multiproc import run_ranks
+
+    _sglang_triton_runner_or_skip()  # skip here, before spawning, when SGLang cannot load
+    # Kernels of several processes time-slice one GPU: a spin-wait round costs ms.
+    monkeypatch.setenv("VLLM_A2A_TIMEOUT_S", "120")
+    run_ranks(_rank_processes, world_size, counts, dispatch_fp8, False)
+
+
+def test_processes_sharing_the_gpu_cuda_graph_replay(monkeypatch):
+    from tests.multiproc import run_ranks
+
+    _sglang_triton_runner_or_skip()
+    monkeypatch.setenv("VLLM_A2A_TIMEOUT_S", "120")
+    run_ranks(_rank_processes, 2, [[5, 2], [0, 8]], False, True)
