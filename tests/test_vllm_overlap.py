@@ -102,8 +102,9 @@ def _stand_in_streams(log: list):
     return lambda: getattr(current, "stream", default)
 
 
-def _rank_dbo(rank, world_size, port):
+def _rank_dbo(rank, world_size, port, schedule):
     os.environ["VLLM_TARGET_DEVICE"] = "cpu"
+    os.environ["VLLM_A2A_DBO_SCHEDULE"] = schedule
     from vllm.plugins import load_general_plugins
 
     load_general_plugins()
@@ -150,9 +151,11 @@ def _rank_dbo(rank, world_size, port):
         assert isinstance(pf, OneSidedPrepareAndFinalize) and pf.micro_batches == 2
         first, second = pf.all_to_alls
         assert isinstance(first, ReferenceAllToAll) and second is not first
-        assert pf.supports_dbo()
-        # 0.33 asks supports_dbo() and keeps the synchronous path; 0.32 needs the async one.
-        assert pf.supports_async() == (not modular_kernel_has_supports_dbo())
+        assert pf.supports_dbo() and pf.dbo_schedule == schedule
+        # 0.33 asks supports_dbo() and keeps the synchronous path for the comm-stream
+        # schedule; 0.32 needs the async one; receive hooks are the async path.
+        assert pf.supports_async() == (schedule == "recv_hooks"
+                                       or not modular_kernel_has_supports_dbo())
         kernel = mk.FusedMoEKernel(pf, UnreducedTorchExperts(moe, FUSED_MOE_UNQUANTIZED_CONFIG))
 
         w1, w2 = _weights()
@@ -164,11 +167,13 @@ def _rank_dbo(rank, world_size, port):
         # Which micro-batch's all-to-all ran, and on which stream, per call.
         calls: list = []
         for index, a2a in enumerate(pf.all_to_alls):
-            for name in ("dispatch", "combine"):
+            for name in ("dispatch", "combine", "wait_dispatch", "wait_combine"):
                 original = getattr(a2a, name)
 
                 def traced(*args, _original=original, _name=name, _index=index, **kwargs):
-                    calls.append((_index, _name, ubatching.dbo_current_ubatch_id(),
+                    # The thread's name, not dbo_current_ubatch_id(): vLLM runs a
+                    # pending hook after unregistering the exiting thread.
+                    calls.append((_index, _name, threading.current_thread().name,
                                   current_stream().name))
                     return _original(*args, **kwargs)
 
@@ -191,7 +196,7 @@ def _rank_dbo(rank, world_size, port):
                 for ctx in contexts:  # let the other thread finish instead of hanging
                     ctx.cpu_wait_event.set()
 
-        threads = [threading.Thread(target=run, args=(ub,)) for ub in range(2)]
+        threads = [threading.Thread(target=run, args=(ub,), name=str(ub)) for ub in range(2)]
         for thread in threads:
             thread.start()
         barrier.wait()
@@ -210,14 +215,25 @@ def _rank_dbo(rank, world_size, port):
                     dense[t] += weights[t, k] * expert_mlp(x[t:t + 1], w1[e], w2[e])[0]
             torch.testing.assert_close(results[ub], dense, rtol=1e-4, atol=1e-5)
 
-        # Each micro-batch used its own all-to-all, on the comm stream, and the
-        # threads took turns: both dispatches before either combine.
-        assert calls == [(0, "dispatch", 0, "comm"), (1, "dispatch", 1, "comm"),
-                         (0, "combine", 0, "comm"), (1, "combine", 1, "comm")], calls
-        # The comm stream waited for the compute recorded before each launch, and
-        # the compute stream for each launch before going on.
         waits = [entry for entry in log if entry[0] == "wait"]
-        assert [w[1] for w in waits] == ["comm", "compute"] * 4, waits
+        if schedule == "comm_stream":
+            # Each micro-batch used its own all-to-all, fused, on the comm stream,
+            # and the threads took turns: both dispatches before either combine.
+            assert calls == [(0, "dispatch", "0", "comm"), (1, "dispatch", "1", "comm"),
+                             (0, "combine", "0", "comm"), (1, "combine", "1", "comm")], calls
+            # The comm stream waited for the compute recorded before each launch,
+            # and the compute stream for each launch before going on.
+            assert [w[1] for w in waits] == ["comm", "compute"] * 4, waits
+        else:
+            # Send launches on the compute stream; each wait launch ran on the
+            # *other* micro-batch's thread (vLLM's receive hooks), before the
+            # micro-batch that owns it went on.
+            assert calls == [
+                (0, "dispatch", "0", "compute"), (0, "wait_dispatch", "1", "compute"),
+                (1, "dispatch", "1", "compute"), (1, "wait_dispatch", "0", "compute"),
+                (0, "combine", "0", "compute"), (0, "wait_combine", "1", "compute"),
+                (1, "combine", "1", "compute"), (1, "wait_combine", "0", "compute")], calls
+            assert waits == [], waits  # no stream switch at all
         counters = ep_round_counts()
         assert counters["dispatches_by_micro_batch"] == [1, 1], counters
         assert counters["overlapped_prepare_calls"] == 2, counters
@@ -227,10 +243,12 @@ def _rank_dbo(rank, world_size, port):
         x, weights, ids = _tokens(rank + 40, 2, TOP_K)
         kernel.apply(x, w1[local], w2[local], weights, ids, MoEActivation.SILU, NUM_EXPERTS,
                      expert_map, False)
-        assert calls == [(0, "dispatch", 0, "default"), (0, "combine", 0, "default")], calls
+        main = threading.current_thread().name
+        assert calls == [(0, "dispatch", main, "default"), (0, "combine", main, "default")], calls
         ep_manager().destroy()
 
 
 @pytest.mark.slow
-def test_two_micro_batches_take_turns_through_vllm_ubatch_contexts():
-    run_ranks(_rank_dbo, 2)
+@pytest.mark.parametrize("schedule", ["comm_stream", "recv_hooks"])
+def test_two_micro_batches_take_turns_through_vllm_ubatch_contexts(schedule):
+    run_ranks(_rank_dbo, 2, schedule)

@@ -96,3 +96,23 @@ def peer_lost_exit_seconds() -> float:
     if value < 0:
         raise ValueError(f"VLLM_A2A_PEER_LOST_EXIT_S must be >= 0, got {raw!r}")
     return value
+
+
+DBO_SCHEDULES = ("comm_stream", "recv_hooks")
+
+
+def dbo_schedule() -> str:
+    """``VLLM_A2A_DBO_SCHEDULE``: how our all-to-all runs in steps vLLM splits
+    for dual-batch overlap (``--enable-dbo``).
+
+    ``comm_stream`` (default): each fused dispatch/combine on vLLM's comm stream
+    while the other micro-batch computes (data movement and waiting both hidden).
+    ``recv_hooks``: DeepEP-low-latency's pattern: the send launch on the compute
+    stream, the wait launch handed to vLLM as a receive hook that the other
+    micro-batch runs after its own work (only the waiting is hidden).
+    """
+    raw = (os.environ.get("VLLM_A2A_DBO_SCHEDULE") or DBO_SCHEDULES[0]).strip().lower()
+    if raw not in DBO_SCHEDULES:
+        raise ValueError(
+            f"VLLM_A2A_DBO_SCHEDULE must be one of {', '.join(DBO_SCHEDULES)}, got {raw!r}")
+    return raw

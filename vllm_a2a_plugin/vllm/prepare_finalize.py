@@ -19,6 +19,10 @@ kernel on the comm stream behind that recorded point, and make the compute
 stream wait for it. So one micro-batch's all-to-all runs on the GPU while the
 other's attention or experts run, and nothing else changes: the kernels, the
 launch arguments, the synchronous path of steps that are not split.
+``VLLM_A2A_DBO_SCHEDULE=recv_hooks`` takes DeepEP-low-latency's pattern instead
+(``prepare_async`` / ``finalize_async``: the send launch on the compute stream,
+the wait launch handed to vLLM as a receive hook that the other micro-batch
+runs after its own work): it hides waiting for peers, not the data movement.
 """
 
 from __future__ import annotations
@@ -39,11 +43,13 @@ from vllm.model_executor.layers.fused_moe.utils import moe_kernel_quantize_input
 from vllm.v1.worker.ubatching import (
     dbo_current_ubatch_id,
     dbo_enabled,
+    dbo_maybe_run_recv_hook,
     dbo_switch_to_compute_sync,
     dbo_yield_and_switch_from_compute_to_comm,
 )
 
-from vllm_a2a_plugin.all_to_all import DispatchResult
+from vllm_a2a_plugin import envs
+from vllm_a2a_plugin.all_to_all import PHASE_SEND, DispatchResult
 from vllm_a2a_plugin.errors import A2AInputError
 from vllm_a2a_plugin.padding import expert_owner_from_maps, padding_expert_id
 from vllm_a2a_plugin.validation import is_capturing
@@ -81,6 +87,20 @@ class DispatchLayout(NamedTuple):
     dtype: torch.dtype
     scale_cols: int
     quantize_after_dispatch: bool = False
+
+
+class _DispatchInputs(NamedTuple):
+    """What one prepare sends (checked, quantised) and how to hand back the result."""
+
+    all_to_all: object
+    x: torch.Tensor
+    ids: torch.Tensor
+    weights: torch.Tensor
+    scales: torch.Tensor | None
+    x_scale: torch.Tensor | None
+    m: int
+    quantize_after: bool
+    quant_config: FusedMoEQuantConfig
 
 
 def dispatch_layout(hidden: int, quant_config: FusedMoEQuantConfig | None,
@@ -226,6 +246,7 @@ class OneSidedPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
         self.quant_config = quant_config
         self.max_tokens_per_rank = max_tokens_per_rank
         self.micro_batches = micro_batches
+        self.dbo_schedule = envs.dbo_schedule()
         self.num_dispatchers_ = manager.world_size
         self.num_experts = moe.num_experts
         self._expert_map_checked: int | None = None
@@ -301,28 +322,77 @@ class OneSidedPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
         return True
 
     def supports_async(self) -> bool:
-        # vLLM 0.33 runs this synchronous prepare/finalize under DBO through
+        if self.micro_batches == 1:
+            return False
+        # The receive-hook schedule is vLLM's async path. The comm-stream one
+        # is a synchronous prepare/finalize that 0.33 runs under DBO through
         # supports_dbo(); 0.32 has no supports_dbo() and asserts DBO off on the
-        # synchronous path, so there the async entry points (same work) are
-        # offered, and only where steps may be split: elsewhere the modular
-        # kernel's ordering (shared experts, hooks) stays what it was.
-        return self.micro_batches > 1 and not modular_kernel_has_supports_dbo()
+        # synchronous path, so there the async entry points carry it. Only
+        # where steps may be split: elsewhere the modular kernel's ordering
+        # (shared experts, hooks) stays what it was.
+        return self.dbo_schedule == "recv_hooks" or not modular_kernel_has_supports_dbo()
 
     def supports_dbo(self) -> bool:
         return True
 
-    def prepare_async(self, *args, **kwargs):
-        """``prepare`` for vLLM's async path: the work is done here; the
-        receiver hands out its result (no hook, so vLLM yields nothing extra:
-        the comm region inside already gave the other micro-batch its turn)."""
-        result = self.prepare(*args, **kwargs)
-        return lambda: result
+    def _splits_with_hooks(self) -> bool:
+        return self.micro_batches > 1 and self.dbo_schedule == "recv_hooks" and dbo_enabled()
 
-    def finalize_async(self, *args, **kwargs):
-        """``finalize`` for vLLM's async path, as ``(hook, receiver)`` with no
-        hook (see :meth:`prepare_async`)."""
-        self.finalize(*args, **kwargs)
-        return None, lambda: None
+    def prepare_async(self, a1: torch.Tensor, topk_weights: torch.Tensor,
+                      topk_ids: torch.Tensor, num_experts: int, expert_map: torch.Tensor | None,
+                      apply_router_weight_on_input: bool, quant_config: FusedMoEQuantConfig,
+                      defer_input_quant: bool = False):
+        """vLLM's async prepare: ``(hook, receiver)`` or a receiver alone.
+
+        Receive-hook schedule in a split step: the send launch now, the wait
+        launch in ``hook`` (vLLM hands it to the other micro-batch, which runs it
+        after its own work), the received views from ``receiver``. Otherwise
+        :meth:`prepare` runs now (comm-stream regions included) and the
+        receiver hands out its result.
+        """
+        args = (a1, topk_weights, topk_ids, num_experts, expert_map,
+                apply_router_weight_on_input, quant_config, defer_input_quant)
+        if not self._splits_with_hooks():
+            result = self.prepare(*args)
+            return lambda: result
+        send = self._dispatch_inputs(*args)
+        send.all_to_all.dispatch(send.x, send.ids, send.weights, x_scales=send.scales,
+                                 runtime_max_tokens=send.m, phases=PHASE_SEND)
+        received: list[DispatchResult] = []
+
+        def hook() -> None:
+            received.append(send.all_to_all.wait_dispatch())
+
+        return hook, lambda: self._prepare_result(send, received[0])
+
+    def finalize_async(self, output: torch.Tensor, fused_expert_output: torch.Tensor,
+                       topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                       apply_router_weight_on_input: bool,
+                       weight_and_reduce_impl: mk.TopKWeightAndReduce):
+        """vLLM's async finalize: ``(hook, receiver)``.
+
+        Receive-hook schedule in a split step: first the other micro-batch's
+        pending hook (its dispatch wait: it must be enqueued before that
+        micro-batch resumes and reads its received rows, as DeepEP-LL's finalize
+        does), then the combine's send launch; ``hook`` is the wait launch that
+        writes ``output``. Otherwise :meth:`finalize` runs now and there is no hook.
+        """
+        args = (output, fused_expert_output, topk_weights, topk_ids,
+                apply_router_weight_on_input, weight_and_reduce_impl)
+        if not self._splits_with_hooks():
+            self.finalize(*args)
+            return None, lambda: None
+        dbo_maybe_run_recv_hook()
+        all_to_all = self._reduce_into_workspace(*args[1:])
+        direct = self._combines_into(output)
+        all_to_all.combine(out=output if direct else None, phases=PHASE_SEND)
+
+        def hook() -> None:
+            combined = all_to_all.wait_combine()
+            if not direct:
+                output.copy_(combined)
+
+        return hook, lambda: None
 
     # ---------------------------------------------------------------- prepare
     def _runtime_max_tokens(self, num_tokens: int) -> int:
@@ -375,10 +445,12 @@ class OneSidedPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
                 f"padding id {self.all_to_all.padding_id} disagrees with the expert map's {pad}")
         self._expert_map_checked = key
 
-    def prepare(self, a1: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                num_experts: int, expert_map: torch.Tensor | None,
-                apply_router_weight_on_input: bool, quant_config: FusedMoEQuantConfig,
-                defer_input_quant: bool = False) -> mk.PrepareResultType:
+    def _dispatch_inputs(self, a1: torch.Tensor, topk_weights: torch.Tensor,
+                         topk_ids: torch.Tensor, num_experts: int,
+                         expert_map: torch.Tensor | None, apply_router_weight_on_input: bool,
+                         quant_config: FusedMoEQuantConfig,
+                         defer_input_quant: bool = False) -> "_DispatchInputs":
+        """Everything prepare sends, checked and quantised (no launch)."""
         _HOST_CALLS["prepare_calls"] += 1
         if num_experts != self.num_experts:
             raise A2AInputError(f"num_experts {num_experts} != the layer's {self.num_experts}")
@@ -399,20 +471,36 @@ class OneSidedPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
             scales = scales.contiguous()
         ids = topk_ids if topk_ids.dtype == torch.int32 else topk_ids.to(torch.int32)
         weights = topk_weights if topk_weights.dtype == torch.float32 else topk_weights.float()
-        m = self._runtime_max_tokens(x.shape[0])
-        all_to_all = self.all_to_all
         if self.micro_batches > 1 and dbo_enabled():
             _HOST_CALLS["overlapped_prepare_calls"] += 1
-        x, ids, weights = x.contiguous(), ids.contiguous(), weights.contiguous()
-        with self._comm_region():
-            result = all_to_all.dispatch(x, ids, weights, x_scales=scales, runtime_max_tokens=m)
-        if quantize_after:
-            recv_x, recv_scale = quantize_received_per_tensor(result, quant_config)
+        return _DispatchInputs(
+            all_to_all=self.all_to_all, x=x.contiguous(), ids=ids.contiguous(),
+            weights=weights.contiguous(), scales=scales, x_scale=x_scale,
+            m=self._runtime_max_tokens(x.shape[0]), quantize_after=quantize_after,
+            quant_config=quant_config)
+
+    @staticmethod
+    def _prepare_result(send: "_DispatchInputs", result: DispatchResult) -> mk.PrepareResultType:
+        """What prepare returns to the experts, from what this rank received."""
+        if send.quantize_after:
+            recv_x, recv_scale = quantize_received_per_tensor(result, send.quant_config)
             return recv_x, recv_scale, None, result.recv_topk_ids, result.recv_topk_weights
         recv_scale = result.recv_x_scales
-        if recv_scale is None and x_scale is not None:
-            recv_scale = x_scale  # per-tensor scale: the same on every rank
+        if recv_scale is None and send.x_scale is not None:
+            recv_scale = send.x_scale  # per-tensor scale: the same on every rank
         return result.recv_x, recv_scale, None, result.recv_topk_ids, result.recv_topk_weights
+
+    def prepare(self, a1: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                num_experts: int, expert_map: torch.Tensor | None,
+                apply_router_weight_on_input: bool, quant_config: FusedMoEQuantConfig,
+                defer_input_quant: bool = False) -> mk.PrepareResultType:
+        send = self._dispatch_inputs(a1, topk_weights, topk_ids, num_experts, expert_map,
+                                     apply_router_weight_on_input, quant_config,
+                                     defer_input_quant)
+        with self._comm_region():
+            result = send.all_to_all.dispatch(send.x, send.ids, send.weights,
+                                              x_scales=send.scales, runtime_max_tokens=send.m)
+        return self._prepare_result(send, result)
 
     # --------------------------------------------------------------- finalize
     def allocate_fused_expert_output(self, shape, dtype, device, weight_and_reduce_impl):
@@ -425,12 +513,15 @@ class OneSidedPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
             return target
         return None
 
-    def finalize(self, output: torch.Tensor, fused_expert_output: torch.Tensor,
-                 topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                 apply_router_weight_on_input: bool,
-                 weight_and_reduce_impl: mk.TopKWeightAndReduce) -> None:
+    def _reduce_into_workspace(self, fused_expert_output: torch.Tensor,
+                               topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                               apply_router_weight_on_input: bool,
+                               weight_and_reduce_impl: mk.TopKWeightAndReduce):
+        """The experts' output weighted and reduced into this micro-batch's
+        combine input (unless the experts wrote it there); its all-to-all."""
         _HOST_CALLS["finalize_calls"] += 1
-        y = self.all_to_all.combine_input()
+        all_to_all = self.all_to_all
+        y = all_to_all.combine_input()
         if isinstance(weight_and_reduce_impl, TopKWeightAndReduceDelegate):
             weight_and_reduce_impl = TopKWeightAndReduceContiguous()
         if fused_expert_output.data_ptr() != y.data_ptr():
@@ -444,13 +535,23 @@ class OneSidedPrepareAndFinalize(mk.FusedMoEPrepareAndFinalizeModular):
                     output=y, fused_expert_output=fused_expert_output,
                     topk_weights=topk_weights, topk_ids=topk_ids,
                     apply_router_weight_on_input=apply_router_weight_on_input)
-        all_to_all = self.all_to_all
-        if output.dtype == self.spec.combine_dtype and output.is_contiguous():
-            with self._comm_region():
-                all_to_all.combine(out=output)
-        else:
-            with self._comm_region():
-                combined = all_to_all.combine()
+        return all_to_all
+
+    def _combines_into(self, output: torch.Tensor) -> bool:
+        """Whether combine can write ``output`` itself (else: ours, then a copy)."""
+        return output.dtype == self.spec.combine_dtype and output.is_contiguous()
+
+    def finalize(self, output: torch.Tensor, fused_expert_output: torch.Tensor,
+                 topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                 apply_router_weight_on_input: bool,
+                 weight_and_reduce_impl: mk.TopKWeightAndReduce) -> None:
+        all_to_all = self._reduce_into_workspace(fused_expert_output, topk_weights, topk_ids,
+                                                 apply_router_weight_on_input,
+                                                 weight_and_reduce_impl)
+        direct = self._combines_into(output)
+        with self._comm_region():
+            combined = all_to_all.combine(out=output if direct else None)
+        if not direct:
             output.copy_(combined)
 
 
