@@ -9,11 +9,16 @@ micro-batch on its own workspaces (``--ep-size`` logical ranks each):
   ``[P * T/2 * K, I] x [I, H]``: the work all P ranks' experts do);
 * all-to-all: our fused dispatch and combine of every logical rank.
 
-Rows (CUDA events around ``--layers`` layers, median over ``--iters``):
+Rows (each variant captured once in a CUDA graph, as vLLM captures a split
+decode step, and replayed back to back behind a held stream: CUDA events
+around each replay of ``--layers`` layers, median over ``--iters``; eager
+steps of this size are bound by the host's launch rate, not the GPU):
 
 * ``compute_alone``: the compute of both micro-batches, one stream;
 * ``a2a_alone``: both micro-batches' dispatches and combines, one stream;
 * ``serial``: the same work back to back on one stream (DBO off);
+* ``recv_hooks``: the receive-hook schedule (DeepEP-LL's order), one stream:
+  each send, then the other micro-batch's compute, then the wait;
 * ``overlapped``: DBO's order on two streams (vLLM ``ubatching``: before each
   all-to-all the micro-batch records its compute, the other micro-batch
   enqueues its compute, then the comm stream waits for the recorded point,
@@ -46,9 +51,10 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_a2a import result_header, result_path, timed  # noqa: E402
+from benchmarks.bench_a2a import result_header, result_path, timed, warm_up_gpu  # noqa: E402
 from benchmarks.shapes import SHAPES, routing  # noqa: E402
 from vllm_a2a_plugin import A2AConfig, AllToAllSpec, LocalRanks  # noqa: E402
+from vllm_a2a_plugin.all_to_all import PHASE_SEND  # noqa: E402
 
 # Expert intermediate sizes (the models' moe_intermediate_size).
 EXPERT_INTERMEDIATE = {"deepseek_v3": 2048, "qwen3_30b_a3b": 768, "mixtral_8x7b": 14336}
@@ -64,8 +70,9 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--comm-max-blocks", type=int, default=0,
-                   help="grid cap of our kernels (0: their default, 2 x SMs)")
+    p.add_argument("--comm-max-blocks", default="0,32",
+                   help="grid caps of our kernels to compare, comma separated (0: their "
+                        "default, 2 x SMs; a small cap leaves the GEMMs more SMs)")
     p.add_argument("--out", default=None)
     p.add_argument("--name", default="overlap")
     p.add_argument("--plot", action="store_true", help="also write <out>.png")
@@ -106,6 +113,25 @@ class MicroBatchWork:
     def combine(self) -> None:
         self.ranks.combine()
 
+    # The split forms, for the receive-hook schedule (every rank's send, later
+    # every rank's wait, all on the current stream).
+    def send_dispatch(self) -> None:
+        for rank, a2a in enumerate(self.ranks.ranks):
+            a2a.dispatch(self.xs[rank], self.ids[rank], self.ws[rank],
+                         runtime_max_tokens=self.tokens, phases=PHASE_SEND)
+
+    def wait_dispatch(self) -> None:
+        for a2a in self.ranks.ranks:
+            a2a.wait_dispatch()
+
+    def send_combine(self) -> None:
+        for a2a in self.ranks.ranks:
+            a2a.combine(phases=PHASE_SEND)
+
+    def wait_combine(self) -> None:
+        for a2a in self.ranks.ranks:
+            a2a.wait_combine()
+
 
 def serial_step(a: MicroBatchWork, b: MicroBatchWork, layers: int, *, compute=True, comm=True):
     for _ in range(layers):
@@ -135,11 +161,13 @@ def overlapped_step(a: MicroBatchWork, b: MicroBatchWork, layers: int,
         event.record(compute_stream)
         return event
 
-    for _ in range(layers):
-        a.compute()              # A's attention
-        a_ready = record()       # A records, yields to B
+    # The micro-batch threads' order: each records its compute before the
+    # all-to-all region and yields; the other enqueues its compute meanwhile.
+    a.compute()                  # A's attention
+    a_ready = record()
+    for layer in range(layers):
         b.compute()              # B's attention
-        b_ready = record()       # B records, yields to A
+        b_ready = record()
         comm_region(a_ready, a.dispatch)
         a.compute()              # A's experts
         a_done = record()
@@ -147,12 +175,35 @@ def overlapped_step(a: MicroBatchWork, b: MicroBatchWork, layers: int,
         b.compute()              # B's experts
         b_done = record()
         comm_region(a_done, a.combine)
+        if layer + 1 < layers:
+            a.compute()          # A's next attention
+            a_ready = record()
         comm_region(b_done, b.combine)
 
 
-def measure(args, shape, ep_size: int, tokens: int) -> list[dict]:
+def recv_hooks_step(a: MicroBatchWork, b: MicroBatchWork, layers: int) -> None:
+    """DeepEP-low-latency's order (``VLLM_A2A_DBO_SCHEDULE=recv_hooks``), one stream:
+    a send, the other micro-batch's compute, then the wait (vLLM's receive hook)."""
+    for layer in range(layers):
+        a.compute()              # A's attention
+        if layer:
+            b.wait_combine()     # B's combine wait, run by A (hook) before A's dispatch
+        a.send_dispatch()
+        b.compute()              # B's attention
+        a.wait_dispatch()        # A's hook, run by B
+        b.send_dispatch()
+        a.compute()              # A's experts
+        b.wait_dispatch()        # B's hook, run by A's finalize
+        a.send_combine()
+        b.compute()              # B's experts
+        a.wait_combine()         # A's hook, run by B's finalize
+        b.send_combine()
+    b.wait_combine()             # run when A's thread exits
+
+
+def measure(args, shape, ep_size: int, tokens: int, comm_max_blocks: int) -> list[dict]:
     gen = torch.Generator().manual_seed(ep_size * 10007 + tokens)
-    config = A2AConfig(check_expert_ids=False, timeout_s=30.0, max_blocks=args.comm_max_blocks)
+    config = A2AConfig(check_expert_ids=False, timeout_s=30.0, max_blocks=comm_max_blocks)
     per_micro_batch = tokens // 2
     a = MicroBatchWork(shape, ep_size, per_micro_batch, gen, config)
     b = MicroBatchWork(shape, ep_size, per_micro_batch, gen, config)
@@ -162,20 +213,25 @@ def measure(args, shape, ep_size: int, tokens: int) -> list[dict]:
         "a2a_alone": lambda: serial_step(a, b, args.layers, compute=False),
         "serial": lambda: serial_step(a, b, args.layers),
         "overlapped": lambda: overlapped_step(a, b, args.layers, comm_stream),
+        "recv_hooks": lambda: recv_hooks_step(a, b, args.layers),
     }
     medians = {}
-    for name, fn in variants.items():
-        medians[name] = statistics.median(timed(fn, iters=args.iters, warmup=args.warmup))
+    for name, step in variants.items():
+        graph = captured(step)
+        medians[name] = statistics.median(timed(graph.replay, iters=args.iters,
+                                                warmup=args.warmup, queue_ahead=True))
+        del graph
     a.ranks.synchronize()
     b.ranks.synchronize()
     compute = medians["compute_alone"]
     row = dict(shape=shape.name, ep_size=ep_size, tokens_per_rank=tokens,
                micro_batch_tokens=per_micro_batch, layers=args.layers,
-               comm_max_blocks=args.comm_max_blocks,
+               comm_max_blocks=comm_max_blocks,
                compute_tflops=round(2 * a.flops * 2 * args.layers / (compute * 1e-6) / 1e12, 1),
                **{f"{k}_us": round(v, 1) for k, v in medians.items()},
                exposed_serial_us=round(medians["serial"] - compute, 1),
                exposed_overlapped_us=round(medians["overlapped"] - compute, 1),
+               exposed_recv_hooks_us=round(medians["recv_hooks"] - compute, 1),
                overlapped_over_compute=round(medians["overlapped"] / compute, 3),
                serial_over_compute=round(medians["serial"] / compute, 3))
     row["hidden_fraction"] = round(
@@ -194,28 +250,33 @@ def plot(doc: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = doc["rows"]
-    labels = [f"{r['shape']}\nP={r['ep_size']} T={r['tokens_per_rank']}" for r in rows]
+    labels = [f"{r['shape']}\nP={r['ep_size']} T={r['tokens_per_rank']}"
+              + (f"\ncap {r['comm_max_blocks']}" if r["comm_max_blocks"] else "") for r in rows]
     x = range(len(rows))
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(8, 1.6 * len(rows)), 8))
-    width = 0.38
-    top.bar([i - width / 2 for i in x], [r["exposed_serial_us"] for r in rows], width,
+    width = 0.27
+    top.bar([i - width for i in x], [r["exposed_serial_us"] for r in rows], width,
             label="back to back (DBO off)")
-    top.bar([i + width / 2 for i in x], [r["exposed_overlapped_us"] for r in rows], width,
-            label="overlapped (DBO order, comm stream)")
+    top.bar(list(x), [r["exposed_recv_hooks_us"] for r in rows], width,
+            label="receive hooks (one stream)")
+    top.bar([i + width for i in x], [r["exposed_overlapped_us"] for r in rows], width,
+            label="comm stream (default)")
     top.set_ylabel(f"exposed all-to-all, us ({rows[0]['layers']} layers)")
     top.set_xticks(list(x), labels, fontsize=8)
     top.legend()
-    bottom.bar([i - width / 2 for i in x], [r["serial_over_compute"] for r in rows], width,
+    bottom.bar([i - width for i in x], [r["serial_over_compute"] for r in rows], width,
                label="back to back")
-    bottom.bar([i + width / 2 for i in x], [r["overlapped_over_compute"] for r in rows], width,
-               label="overlapped")
+    bottom.bar(list(x), [r["recv_hooks_us"] / r["compute_alone_us"] for r in rows], width,
+               label="receive hooks")
+    bottom.bar([i + width for i in x], [r["overlapped_over_compute"] for r in rows], width,
+               label="comm stream")
     bottom.axhline(GOAL_RATIO, color="k", linestyle="--", linewidth=1, label="goal 1.2")
     bottom.axhline(1.0, color="grey", linewidth=0.8)
     bottom.set_ylabel("step time / compute alone")
     bottom.set_xticks(list(x), labels, fontsize=8)
     bottom.legend()
-    fig.suptitle(f"{doc['gpu']}, commit {doc['commit'][:10]}: CUDA events, median of "
-                 f"{doc['iters']} steps", fontsize=10)
+    fig.suptitle(f"{doc['gpu']}, commit {doc['commit'][:10]}: CUDA graphs replayed back to "
+                 f"back, CUDA events, median of {doc['iters']} steps", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -224,12 +285,15 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     device = torch.device("cuda", torch.cuda.current_device())
     doc = result_header(args, device, 1, "none", 0.0)
-    doc.update(method="CUDA events around each step of --layers layers, median", iters=args.iters,
-               rows=[])
+    doc.update(method="each variant captured in a CUDA graph; replays queued behind a held "
+                      "stream; CUDA events around each replay of --layers layers; median",
+               iters=args.iters, rows=[])
+    warm_up_gpu(device)
     for shape_name in args.shapes.split(","):
         for ep_size in map(int, args.ep_sizes.split(",")):
             for tokens in map(int, args.tokens.split(",")):
-                doc["rows"] += measure(args, SHAPES[shape_name], ep_size, tokens)
+                for cap in map(int, args.comm_max_blocks.split(",")):
+                    doc["rows"] += measure(args, SHAPES[shape_name], ep_size, tokens, cap)
     out = result_path(args, doc)
     out.write_text(json.dumps(doc, indent=1))
     print("wrote", out)
