@@ -83,39 +83,43 @@ print('vllm', vllm.__version__, 'torch', torch.__version__, 'kernels', ops.kerne
     shift
     A2A_COMMIT=$commit timeout "${BENCH_TIMEOUT_S:-560}" python3 benchmarks/bench_a2a.py \
       --out "$out/suite.json" "$@" 2>&1 | grep -v "it/s]" | tee "$out/bench.log" | tail -15 ;;
-  sglang)
-    # SGLang 0.5.23 and what it imports beyond this machine's packages, as wheels
-    # (scripts/sglang_gpu_wheels.txt lists them); its own site, never vLLM's.
-    python3 -m pip install -q --no-index --no-deps --upgrade --target /tmp/sglang_site .whl-sglang/*.whl \
-      2>&1 | tail -3
+  stage-sglang)
+    # One part of SGLang's wheels per call, installed into /tmp/sglang_site
+    # (scripts/sglang_stage.py; carry exactly that part, e.g. .whl-sglang/p1).
+    python3 scripts/sglang_stage.py install "${2:?usage: gpu_session.sh stage-sglang .whl-sglang/pN}" \
+      2>&1 | tail -3 ;;
+  sglang|sglang-engine)
+    # SGLang 0.5.23 staged by the stage-sglang calls: its own site, never vLLM's.
+    python3 scripts/sglang_stage.py check
     install_plugin
-    export PYTHONPATH=/tmp/sglang_site
-    python3 - <<'PY' 2>&1 | tee "$out/sglang_import.log" | tail -30
+    export PYTHONPATH=/tmp/sglang_site HF_HUB_OFFLINE=1 SGLANG_ENGINE_OUT="$out/sglang_engine"
+    if [ "$step" = sglang ]; then
+      python3 - <<'PY' 2>&1 | tee "$out/sglang_import.log" | tail -30
 import importlib, traceback
 import torch
 print("torch", torch.__version__)
 for name in ("sglang", "sglang.srt.plugins", "sgl_kernel",
-             "sglang.srt.layers.moe.moe_runner.triton", "vllm_a2a_plugin.sglang.dispatcher"):
+             "sglang.srt.layers.moe.moe_runner.triton", "vllm_a2a_plugin.sglang.dispatcher",
+             "sglang.srt.entrypoints.engine", "sglang.srt.managers.scheduler",
+             "sglang.srt.models.qwen3_moe", "sglang.srt.layers.attention.triton_backend"):
     try:
         importlib.import_module(name)
         print("import", name, "ok")
     except BaseException:  # noqa: BLE001 - report every failure in full
         print("import", name, "FAILED"); traceback.print_exc(limit=3)
+try:  # the trimmed sglang-kernel 0.4.5 registered its ops beside torch 2.11
+    print("sgl_kernel.moe_sum_reduce", torch.ops.sgl_kernel.moe_sum_reduce.default._schema)
+except BaseException:  # noqa: BLE001
+    traceback.print_exc(limit=3)
 PY
-    python3 -m pytest tests/test_sglang_plugin.py tests/test_sglang_dispatch_cpu.py \
-      tests/test_sglang_gpu.py -q --timeout 300 -p no:cacheprovider -rs \
-      2>&1 | tee "$out/sglang.log" | tail -25 ;;
-  faults)
-    install_plugin
-    python3 -m pytest tests/test_watchdog_cpu.py tests/test_faults_gpu.py -k "watchdog or lost or slow" \
-      -q --timeout 300 -p no:cacheprovider -rs 2>&1 | tee "$out/faults.log" | tail -15
-    python3 benchmarks/fault_detection.py --faults "${FAULTS:-100}" --interval "${FAULT_INTERVAL_S:-0.25}" \
-      --json "$out/fault_detection.json" --plot "$out/fault_detection.png" 2>&1 \
-      | tee "$out/fault_detection.log" | tail -60 ;;
-  engine_faults)
-    with_vllm
-    python3 -m pytest tests/test_engine_faults.py -v -s --timeout 400 -p no:cacheprovider -rs \
-      -k "${2:-kill}" 2>&1 | tee "$out/engine_faults.log" | grep -E "FAULT_RESULT|PASSED|FAILED|SKIPPED|Error|^E " | tail -40
-    cp /tmp/pytest-of-*/pytest-*/test_dp2_*/rank*.log "$out/" 2>/dev/null || true ;;
+      timeout "${SGLANG_GPU_TESTS_TIMEOUT_S:-270}" python3 -m pytest tests/test_sglang_plugin.py \
+        tests/test_sglang_engine_check_cpu.py tests/test_sglang_gpu.py -q --timeout 200 \
+        -p no:cacheprovider -rs 2>&1 | tee "$out/sglang.log" | tail -25
+    fi
+    # Real engines (tests/test_sglang_engine.py): default MoE path vs ours, eager
+    # by default; "graphs" (or "eager or graphs") as the second argument.
+    timeout "${SGLANG_ENGINE_TIMEOUT_S:-250}" python3 -m pytest tests/test_sglang_engine.py -v -s \
+      -k "${2:-eager}" -p no:cacheprovider -rs 2>&1 | tee "$out/sglang_engine.log" \
+      | grep -E "SGLANG_ENGINE|PASSED|FAILED|SKIPPED|Error|^E " | tail -30 ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
 esac

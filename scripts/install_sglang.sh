@@ -25,6 +25,8 @@ PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
     "pybase64" "einops" "gguf" "partial_json_parser" "python-dateutil<3" \
     "apache-tvm-ffi==0.1.11" "transformers==5.19.0" "tokenizers==0.23.2" \
     "sentencepiece==0.2.1" "compressed-tensors==0.18.0" "openai==2.8.0" "torchvision" "starlette" "dill"
+# What sglang.Engine's processes import beyond that (the GPU staging carries the same list).
+"${PIP[@]}" --no-deps -r scripts/sglang_engine_wheels.txt "uvloop" "h11" "click"
 
 # Our package against the torch just installed (a CUDA build: setup.py compiles
 # the kernels only with a GPU and a complete toolkit, else the CPU-only extension
