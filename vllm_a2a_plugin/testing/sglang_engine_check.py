@@ -78,8 +78,10 @@ def run(model: str, out: Path, *, backend: str | None, graphs: bool, tp_size: in
     os.environ[COUNTERS_RPC_ENV] = "1"  # the scheduler processes inherit it
     import sglang
 
+    # Both runs use SGLang's Triton MoE runner ("auto" could pick a flashinfer
+    # runner, which the staged SGLang does not carry).
     kwargs = dict(model_path=model, tp_size=tp_size, attention_backend="triton",
-                  sampling_backend="pytorch", disable_cuda_graph=not graphs,
+                  moe_runner_backend="triton", sampling_backend="pytorch", disable_cuda_graph=not graphs,
                   mem_fraction_static=mem_fraction, random_seed=0, log_level="warning",
                   # Prefix caching would let a repeated prompt skip its prefill.
                   disable_radix_cache=True)
