@@ -110,6 +110,32 @@ def test_two_batch_overlap_is_accepted_with_our_backend(loaded):
     initialize_moe_config()
     assert get_exec().overlap.enable_two_batch_overlap
     assert is_tbo_enabled()
+    # SGLang's TBO gate (validation_hook.check_two_batch_overlap) refuses TBO only
+    # without an EP all-to-all (and without attention DP).
+    from sglang.srt.arg_groups.validation_hook import check_two_batch_overlap
+
+    check_two_batch_overlap(args)
+    without = prepare_server_args(["--model-path", "dummy", "--moe-a2a-backend", "none",
+                                   "--enable-two-batch-overlap", "--device", "cpu"])
+    without.resolve_once()
+    with pytest.raises(ValueError, match="attention DP"):
+        check_two_batch_overlap(without)
+
+
+def test_sglang_gives_every_tp_rank_its_own_gpu():
+    """Why an SGLang engine cannot put two EP (= TP) ranks on one GPU: rank r runs
+    on GPU base_gpu_id + r * gpu_id_step (entrypoints/engine.py), and SGLang's
+    validation asserts gpu_id_step >= 1 (arg_groups/validation_hook.py). The
+    dispatcher itself runs with ranks sharing a GPU: tests/test_sglang_gpu.py."""
+    import_or_skip_without_sgl_kernel("sglang.srt.layers.quantization")
+    from sglang.srt.server_args import prepare_server_args
+
+    args = prepare_server_args(["--model-path", "dummy", "--served-model-name", "dummy",
+                                "--moe-a2a-backend", BACKEND_NAME, "--tp-size", "2",
+                                "--gpu-id-step", "0", "--device", "cpu"])
+    args.resolve_once()
+    with pytest.raises(AssertionError, match="gpu_id_step must be positive"):
+        args.check_server_args()
 
 
 def test_runtime_enum_is_customized_and_flashinfer_like(loaded):
