@@ -201,6 +201,20 @@ def recv_hooks_step(a: MicroBatchWork, b: MicroBatchWork, layers: int) -> None:
     b.wait_combine()             # run when A's thread exits
 
 
+def captured(step) -> torch.cuda.CUDAGraph:
+    """``step`` captured in a CUDA graph after one eager run."""
+    step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    current = torch.cuda.current_stream()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(current)
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        step()
+    current.wait_stream(stream)
+    return graph
+
+
 def measure(args, shape, ep_size: int, tokens: int, comm_max_blocks: int) -> list[dict]:
     gen = torch.Generator().manual_seed(ep_size * 10007 + tokens)
     config = A2AConfig(check_expert_ids=False, timeout_s=30.0, max_blocks=comm_max_blocks)
