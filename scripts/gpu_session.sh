@@ -92,7 +92,7 @@ print('vllm', vllm.__version__, 'torch', torch.__version__, 'kernels', ops.kerne
     # SGLang 0.5.23 staged by the stage-sglang calls: its own site, never vLLM's.
     python3 scripts/sglang_stage.py check
     install_plugin
-    export PYTHONPATH=/tmp/sglang_site HF_HUB_OFFLINE=1 SGLANG_ENGINE_OUT="$out/sglang_engine"
+    export PYTHONPATH=${SGLANG_SITE:-/tmp/sglang_site} HF_HUB_OFFLINE=1 SGLANG_ENGINE_OUT="$out/sglang_engine"
     if [ "$step" = sglang ]; then
       python3 - <<'PY' 2>&1 | tee "$out/sglang_import.log" | tail -30
 import importlib, traceback
@@ -117,7 +117,9 @@ PY
         -p no:cacheprovider -rs 2>&1 | tee "$out/sglang.log" | tail -25
     fi
     # Real engines (tests/test_sglang_engine.py): default MoE path vs ours, eager
-    # by default; "graphs" (or "eager or graphs") as the second argument.
+    # by default; "graphs" (or "eager or graphs") as the second argument. A run
+    # past its own limit fails with its log's tail before the step's limit hits.
+    export SGLANG_ENGINE_RUN_TIMEOUT_S=${SGLANG_ENGINE_RUN_TIMEOUT_S:-120}
     timeout "${SGLANG_ENGINE_TIMEOUT_S:-250}" python3 -m pytest tests/test_sglang_engine.py -v -s \
       -k "${2:-eager}" -p no:cacheprovider -rs 2>&1 | tee "$out/sglang_engine.log" \
       | grep -E "SGLANG_ENGINE|PASSED|FAILED|SKIPPED|Error|^E " | tail -30 ;;
