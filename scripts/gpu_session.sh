@@ -86,8 +86,11 @@ print('vllm', vllm.__version__, 'torch', torch.__version__, 'kernels', ops.kerne
   stage-sglang)
     # One part of SGLang's wheels per call, installed into /tmp/sglang_site
     # (scripts/sglang_stage.py; carry exactly that part, e.g. .whl-sglang/p1).
-    python3 scripts/sglang_stage.py install "${2:?usage: gpu_session.sh stage-sglang .whl-sglang/pN}" \
-      2>&1 | tail -3 ;;
+    python3 scripts/sglang_stage.py install "${2:?usage: gpu_session.sh stage-sglang .whl-sglang/pN [build]}" \
+      2>&1 | tail -3
+    # "build" (with the last, small part): our kernels now, so the test call
+    # spends its time on tests (the build is cached in $VLLM_A2A_BUILD_DIR).
+    if [ "${3:-}" = build ]; then install_plugin; fi ;;
   sglang|sglang-engine)
     # SGLang 0.5.23 staged by the stage-sglang calls: its own site, never vLLM's.
     python3 scripts/sglang_stage.py check
