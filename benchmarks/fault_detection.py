@@ -26,8 +26,10 @@ each recover (growth from the first fault to the last).
         --json out/faults.json --plot out/faults.png
 
 The watchdog's interval (``--interval``) sets ``detect`` for heartbeat faults
-(stall, stop): a heartbeat must stand still that long; a killed process is seen
-on the next tick (interval / 10).
+(stall, stop): a heartbeat must stand still that long, counted from its last
+beat, which came up to one tick (interval / 10) before the fault, so ``detect``
+lies between interval - tick and interval + tick; a killed process is seen on
+the next tick.
 """
 
 from __future__ import annotations
@@ -312,6 +314,8 @@ def plot(report: dict, path: str) -> None:
         axes[1].step(exits, frac, where="post", label=kind)
     interval_ms = report["interval_s"] * 1e3
     axes[0].axvline(interval_ms, color="gray", linestyle=":", label="interval")
+    axes[0].axvline(interval_ms - interval_ms / 10, color="gray", linestyle="--",
+                    label="interval - tick (last beat before the fault)")
     axes[0].set_xlabel("fault -> abort word raised (ms)")
     axes[1].set_xlabel("abort -> every survivor stream idle (ms)")
     axes[1].axvline(50, color="red", linestyle=":", label="50 ms target")

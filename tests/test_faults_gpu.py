@@ -14,6 +14,9 @@ Timeouts are short (0.2 s) so the whole file takes well under two minutes.
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
+import sys
 import time
 
 import pytest
@@ -55,6 +58,31 @@ def small_spec(p: int = 4, **changes) -> AllToAllSpec:
                   num_experts=4 * p)
     fields.update(changes)
     return AllToAllSpec(**fields)
+
+
+@contextlib.contextmanager
+def stacks_if_stuck(seconds: float):
+    """In a child process: if the block still runs after ``seconds``, print every
+    thread's Python stack to stderr (the parent's captured output) and go on
+    (exit=False: the test's own deadline still decides). Set well below that
+    deadline so a hang says where it is. ``sys.__stderr__``: faulthandler needs
+    a real file descriptor, and run_ranks wraps ``sys.stderr`` in a prefixer."""
+    faulthandler.dump_traceback_later(seconds, exit=False, file=sys.__stderr__)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
+def put_before_exit(out, message) -> None:
+    """Put ``message`` on a multiprocessing queue and wait until it is in the pipe.
+
+    ``Queue.put`` only hands the message to a feeder thread; a process that then
+    ends with ``os._exit`` (no interpreter teardown, so no feeder join) drops it.
+    Closes the queue: the last message this process sends."""
+    out.put(message)
+    out.close()
+    out.join_thread()
 
 
 def epochs(ranks: LocalRanks) -> list[tuple[int, int]]:
@@ -384,11 +412,22 @@ def test_graph_captured_before_a_failure_replays_after_recover():
 
 
 # ------------------------------------------------------------- one rank per process
+# A child still running this long prints its stacks: below every parent
+# deadline of the multi-process tests here (120 s) and pytest's --timeout (150 s),
+# above a healthy child's whole life (start, CUDA, a few rounds: ~10-30 s).
+STUCK_DUMP_S = 75.0
+
+
 def _rank_stall_and_recover(rank: int, world_size: int, port: int, mode: str,
                             timeout_s: float) -> None:
     """Rank ``world_size - 1`` stalls before its dispatch. The others time out in
     dispatch and stop; the late rank finishes its dispatch, then times out in a
     combine its peers never join. Everyone recovers together and runs checked rounds."""
+    with stacks_if_stuck(STUCK_DUMP_S):  # run_ranks gives up after 120 s
+        _stall_and_recover(rank, world_size, mode, timeout_s)
+
+
+def _stall_and_recover(rank: int, world_size: int, mode: str, timeout_s: float) -> None:
     import torch.distributed as dist
 
     from tests.test_kernels_multigpu import _init, _workspace
@@ -491,10 +530,14 @@ def test_lost_peer_ends_every_wait_within_50ms_and_recovers(kind):
             assert not result.wrong, "a round after recover() differed from the reference"
             assert result.exit_ms < 50, f"kernels left {result.exit_ms:.1f} ms after the abort"
             interval_ms = WATCHDOG_INTERVAL_S * 1e3
-            if kind == "kill":  # seen on the next tick (interval / 10), not after the interval
+            tick_ms = interval_ms / 10  # the watchdog beats and looks once per tick
+            if kind == "kill":  # seen on the next tick, not after the interval
                 assert result.detect_ms < interval_ms, result
-            else:  # a heartbeat must stand still for the whole interval first
-                assert interval_ms - 5 <= result.detect_ms < interval_ms + 500, result
+            else:
+                # A heartbeat must stand still for the whole interval, counted from
+                # its last beat; that beat came up to one tick before the fault
+                # (the clock of detect_ms), so detection may come one tick early.
+                assert interval_ms - tick_ms - 5 <= result.detect_ms < interval_ms + 500, result
             phase = "combine" if kind == "stall_combine" else "dispatch"
             assert f"rank {result.victim} was lost" in result.error
             assert f"stopped {phase} at epoch 2" in result.error, result.error
@@ -531,6 +574,11 @@ def _rank_lost_process(rank: int, world_size: int, port: int, scenario: str, out
     """Two processes on one GPU through the pool (CUDA IPC, the watchdog started
     with the first workspace). Rank 1 is killed or stopped by the test while
     rank 0 waits in dispatch for it."""
+    with stacks_if_stuck(STUCK_DUMP_S):  # the parent waits 120 s for each message
+        _lost_process(rank, world_size, port, scenario, out)
+
+
+def _lost_process(rank: int, world_size: int, port: int, scenario: str, out) -> None:
     import os
 
     import torch.distributed as dist
@@ -571,16 +619,22 @@ def _rank_lost_process(rank: int, world_size: int, port: int, scenario: str, out
     except A2APeerLostError as exc:
         err = exc
     torch.cuda.synchronize()  # every queued kernel ends: no hang
-    out.put(("lost", rank, (err.peer, err.phase, err.reason), time.time(), time.time() - start))
-    if scenario == "stop":  # both alive again: the group recovers and runs exact rounds
-        pool.recover()
-        full_round()
-        out.put(("recovered", rank, a2a.failure is None, time.time(), 0.0))
-        dist.barrier()
-        pool.destroy()
-        dist.destroy_process_group()
-    else:
-        os._exit(0)  # the group is broken (its peer is gone): no collective teardown
+    lost = ("lost", rank, (err.peer, err.phase, err.reason), time.time(), time.time() - start)
+    if scenario != "stop":
+        # The group is broken (its peer is gone): no collective teardown. The
+        # message must be in the pipe before os._exit, which skips the feeder join.
+        put_before_exit(out, lost)
+        faulthandler.cancel_dump_traceback_later()
+        os._exit(0)
+    out.put(lost)
+    # Both alive again (the stopped peer resumed): the group recovers and runs
+    # exact rounds.
+    pool.recover()
+    full_round()
+    out.put(("recovered", rank, a2a.failure is None, time.time(), 0.0))
+    dist.barrier()
+    pool.destroy()
+    dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("scenario", ["kill", "stop"])
@@ -610,7 +664,11 @@ def test_processes_sharing_a_gpu_lost_peer_is_seen_fast(scenario):
             try:
                 msg = out.get(timeout=max(0.1, deadline - time.monotonic()))
             except queue_module.Empty:
-                raise AssertionError(f"only {sorted(found)} reported {kind}") from None
+                # Exit codes (None: still running) tell a hung rank from one
+                # that ended without reporting.
+                codes = {r: p.exitcode for r, p in enumerate(procs)}
+                raise AssertionError(f"only {sorted(found)} reported {kind}; exit codes "
+                                     f"{codes}") from None
             if msg[0] == kind:
                 found[msg[1]] = msg[2:]
         return found
