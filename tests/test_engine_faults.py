@@ -45,7 +45,7 @@ PROMPTS = ["hello world the quick brown fox", "one two three four"]
 # One DP rank: an offline LLM (eager), a warm-up, then long generates until the
 # engine fails; prints when it generates and what it raised.
 _RANK = r"""
-import json, os, sys, time, traceback
+import faulthandler, json, os, sys, time, traceback
 from vllm import LLM, SamplingParams
 model, prompts = sys.argv[1], json.loads(sys.argv[2])
 kwargs = dict(model=model, enforce_eager=True, max_model_len=256, max_num_seqs=8,
@@ -62,10 +62,15 @@ if not os.environ.get("VLLM_DP_SIZE"):
     sys.exit(0)
 long = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
 print("GENERATING", time.time(), flush=True)
+# The fault comes ~2 s from now. Still here a minute later: every thread's stack
+# into this log, well before the test gives up (60 s for a word of the loss, then
+# 90 s for the exit). The engine core's stacks: _dump_stacks in the test.
+faulthandler.dump_traceback_later(60, exit=False, file=sys.stderr)
 try:
     while True:
         llm.generate(prompts, long, use_tqdm=False)
 except BaseException as exc:
+    faulthandler.cancel_dump_traceback_later()
     print("RAISED", time.time(), type(exc).__name__, str(exc)[:500].replace("\n", " "), flush=True)
     traceback.print_exc()
     sys.exit(3)
@@ -74,7 +79,10 @@ except BaseException as exc:
 
 # A step blocked in vLLM's per-step DP all-reduce (gloo) with a stopped peer is
 # ended by none of our waits: the watchdog ends the process 3 s after the loss.
-FAULT_ENV = {"VLLM_A2A_PEER_LOST_EXIT_S": "3"}
+# PYTHONFAULTHANDLER: every Python process of a rank (the front end and vLLM's
+# engine core, which inherits the environment) prints its threads' stacks on a
+# fatal signal; _dump_stacks sends one to a rank the test found hung.
+FAULT_ENV = {"VLLM_A2A_PEER_LOST_EXIT_S": "3", "PYTHONFAULTHANDLER": "1"}
 
 
 def _start_rank(model: str, rank: int, port: int, log_path: Path) -> subprocess.Popen:
@@ -114,6 +122,23 @@ def _tail(path: Path, chars: int = 5000) -> str:
     return path.read_text(errors="replace")[-chars:]
 
 
+def _dump_stacks(proc: subprocess.Popen, log: Path) -> str:
+    """End a rank the test found hung so that it says where: SIGABRT to its
+    process group (front end and engine core: faulthandler, on through
+    FAULT_ENV, prints every thread's stack into the log), then the log's tail."""
+    try:
+        os.killpg(proc.pid, signal.SIGCONT)  # a stopped rank takes the signal too
+        os.killpg(proc.pid, signal.SIGABRT)
+    except ProcessLookupError:
+        return _tail(log)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        pass
+    time.sleep(1.0)  # the engine core (not our child) may still be writing
+    return _tail(log, 30000)
+
+
 @pytest.fixture(scope="module")
 def reference_tokens(tiny_model, tmp_path_factory):  # noqa: F811
     """Greedy tokens of one engine (no DP) on the clean GPU, before any fault."""
@@ -136,7 +161,9 @@ def test_dp2_lost_rank_reports_our_error_fast(tiny_model, reference_tokens, tmp_
         # The first word of ours in the survivor's log: the watchdog's own line
         # (printed when it raises the abort word) or the exception the engine died of.
         seen = _wait_for_line(logs[0], ("watchdog (pid", "A2APeerLostError"), 60)
-        assert seen is not None, f"no word of the lost peer on the survivor:\n{_tail(logs[0])}"
+        if seen is None:
+            pytest.fail("no word of the lost peer on the survivor:\n"
+                        + _dump_stacks(procs[0], logs[0]))
         report_s = seen[0] - fault_at
         raised = _wait_for_line(logs[0], "RAISED", EXIT_WITHIN_S, procs[:1])
         text = logs[0].read_text(errors="replace")
@@ -154,14 +181,14 @@ def test_dp2_lost_rank_reports_our_error_fast(tiny_model, reference_tokens, tmp_
         try:
             procs[0].wait(EXIT_WITHIN_S)  # the survivor exits, it does not hang
         except subprocess.TimeoutExpired:
-            pytest.fail(f"the survivor hangs after the loss:\n{_tail(logs[0])}")
+            pytest.fail(f"the survivor hangs after the loss:\n{_dump_stacks(procs[0], logs[0])}")
         assert procs[0].returncode != 0
         if fault == "stop":  # resumed after the error: it ends too, naming the same loss
             os.killpg(procs[1].pid, signal.SIGCONT)
             try:
                 procs[1].wait(EXIT_WITHIN_S)
             except subprocess.TimeoutExpired:
-                pytest.fail(f"the resumed rank hangs:\n{_tail(logs[1])}")
+                pytest.fail(f"the resumed rank hangs:\n{_dump_stacks(procs[1], logs[1])}")
             print("FAULT_RESULT", json.dumps({
                 "fault": "stop/resumed", "exit": procs[1].returncode,
                 "our_error": "A2APeerLostError" in logs[1].read_text(errors="replace")}))
@@ -216,7 +243,9 @@ def test_served_dp2_request_in_flight_errors_and_health_reports_dead(tiny_model,
         fault_at = time.time()
         os.killpg(procs[1].pid, signal.SIGKILL)
         thread.join(150)
-        assert not thread.is_alive(), "the request in flight hangs"
+        if thread.is_alive():
+            pytest.fail("the request in flight hangs; the survivor:\n"
+                        + _dump_stacks(procs[0], logs[0]))
         health = None
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
