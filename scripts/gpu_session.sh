@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One-GPU runs (issues 12 and 16), one step per device call (each fits the
-# 10-minute limit). Run from the repo root on the lent GPU machine; steps marked
-# (bundle) need the vLLM bundle staged first (README, "Developing"): carry one
+# One-GPU runs, one step per device call (each fits the 10-minute limit). Run
+# from the repo root on the lent GPU machine; steps marked
+# (bundle) need the vLLM bundle staged first (docs/development.md): carry one
 # .bundle part per call and begin the command with `bash scripts/gpu_session.sh stage;`.
 #
 #   bash scripts/gpu_session.sh stage           # store this call's bundle part (unpacks after the last);
@@ -10,16 +10,18 @@
 #   bash scripts/gpu_session.sh kernels         # build; kernels, IPC processes, faults, resources
 #   bash scripts/gpu_session.sh soak            # >= 10^6 checked rounds -> $OUT/soak.json
 #   bash scripts/gpu_session.sh experts         # (bundle) vLLM's experts on our dispatch/combine
-#   bash scripts/gpu_session.sh engine "<-k expr>"   # (bundle) engine tests, e.g. "eager and bf16"
+#   bash scripts/gpu_session.sh engine "<-k expr>"   # (bundle) engine tests, e.g. "eager and bf16",
+#                                               # "dual_batch_overlap" (DBO, two DP engines)
+#   bash scripts/gpu_session.sh overlap         # two micro-batches in flight + bench_overlap.py
 #   bash scripts/gpu_session.sh bench [args]    # (bundle: flashinfer baseline) bench_a2a.py suite
-#   bash scripts/gpu_session.sh sglang          # SGLang from .whl-sglang (carry it) + our GPU test
+#   bash scripts/gpu_session.sh stage-sglang .whl-sglang/p1   # then p2 (one call each, carrying
+#                                               # that part; built here by scripts/sglang_stage.py build)
+#   bash scripts/gpu_session.sh sglang          # SGLang's imports, our GPU tests, engine (eager)
+#   bash scripts/gpu_session.sh sglang-engine graphs   # the engine pair with decode CUDA graphs
 #   bash scripts/gpu_session.sh faults          # lost peers: watchdog + GPU fault tests, >= 100 faults
 #                                               # per kind -> $OUT/fault_detection.{json,png}
 #   bash scripts/gpu_session.sh engine_faults "<-k expr>"  # (bundle) vLLM DP=2 on one GPU, a rank
 #                                               # killed / stopped; default -k kill (~4 min each)
-#     .whl-sglang (53 MB, for the GPU machine's Python 3.12) is built here with
-#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#       -d .whl-sglang -r scripts/sglang_gpu_wheels.txt
 #
 # Logs and JSON go to $OUT (the device tool's output folder) or ./out.
 set -euo pipefail
@@ -83,6 +85,28 @@ print('vllm', vllm.__version__, 'torch', torch.__version__, 'kernels', ops.kerne
     shift
     A2A_COMMIT=$commit timeout "${BENCH_TIMEOUT_S:-560}" python3 benchmarks/bench_a2a.py \
       --out "$out/suite.json" "$@" 2>&1 | grep -v "it/s]" | tee "$out/bench.log" | tail -15 ;;
+  faults)
+    install_plugin
+    python3 -m pytest tests/test_watchdog_cpu.py tests/test_faults_gpu.py -k "watchdog or lost or slow" \
+      -q --timeout 300 -p no:cacheprovider -rs 2>&1 | tee "$out/faults.log" | tail -15
+    python3 benchmarks/fault_detection.py --faults "${FAULTS:-100}" --interval "${FAULT_INTERVAL_S:-0.25}" \
+      --json "$out/fault_detection.json" --plot "$out/fault_detection.png" 2>&1 \
+      | tee "$out/fault_detection.log" | tail -60 ;;
+  engine_faults)
+    with_vllm
+    python3 -m pytest tests/test_engine_faults.py -v -s --timeout 400 -p no:cacheprovider -rs \
+      -k "${2:-kill}" 2>&1 | tee "$out/engine_faults.log" | grep -E "FAULT_RESULT|PASSED|FAILED|SKIPPED|Error|^E " | tail -40
+    cp /tmp/pytest-of-*/pytest-*/test_dp2_*/rank*.log "$out/" 2>/dev/null || true ;;
+
+  overlap)
+    # Two micro-batches in flight (split phases; the comm-stream order of DBO, eager
+    # and in a CUDA graph), then exposed all-to-all with and without overlap.
+    install_plugin
+    python3 -m pytest tests/test_overlap_gpu.py -q --timeout 120 -p no:cacheprovider -rs 2>&1 \
+      | tee "$out/overlap_tests.log" | tail -5
+    A2A_COMMIT=$commit timeout "${BENCH_TIMEOUT_S:-330}" python3 benchmarks/bench_overlap.py \
+      --comm-max-blocks "${COMM_MAX_BLOCKS:-0}" --out "$out/overlap.json" --plot 2>&1 \
+      | tee "$out/bench_overlap.log" | tail -12 ;;
   stage-sglang)
     # One part of SGLang's wheels per call, installed into /tmp/sglang_site
     # (scripts/sglang_stage.py; carry exactly that part, e.g. .whl-sglang/p1).
