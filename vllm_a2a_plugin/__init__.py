@@ -32,6 +32,8 @@ _LAZY = {
     "A2ADeviceError": "vllm_a2a_plugin.errors",
     "A2ATimeoutError": "vllm_a2a_plugin.errors",
     "A2AMismatchError": "vllm_a2a_plugin.errors",
+    "A2APeerLostError": "vllm_a2a_plugin.errors",
+    "A2AExpertIdError": "vllm_a2a_plugin.errors",
 }
 
 __all__ = ["BACKEND_NAME", "register", *_LAZY]
@@ -39,8 +41,9 @@ __all__ = ["BACKEND_NAME", "register", *_LAZY]
 if TYPE_CHECKING:
     from vllm_a2a_plugin.all_to_all import PHASE_BOTH, PHASE_SEND, DispatchResult, OneSidedAllToAll
     from vllm_a2a_plugin.config import A2AConfig
-    from vllm_a2a_plugin.errors import (A2ADeviceError, A2AInputError, A2AMismatchError,
-                                        A2AStateError, A2ATimeoutError)
+    from vllm_a2a_plugin.errors import (A2ADeviceError, A2AExpertIdError, A2AInputError,
+                                        A2AMismatchError, A2APeerLostError, A2AStateError,
+                                        A2ATimeoutError)
     from vllm_a2a_plugin.local_ranks import LocalRanks
     from vllm_a2a_plugin.padding import padding_expert_id
     from vllm_a2a_plugin.workspace import AllToAllSpec, Workspace
