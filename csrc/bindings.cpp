@@ -266,7 +266,7 @@ void combine(at::Tensor& workspace, c10::IntArrayRef peer_ptrs, int64_t rank,
 
 // ------------------------------------------------------------------ launch plans
 // A launch plan holds one rank's fixed arguments, checked once, under an integer
-// handle: the planned ops then take only what changes per call. Issue 15: each
+// handle: the planned ops then take only what changes per call. Why: each
 // argument costs the Python -> dispatcher boxing ~0.3-0.5 us (16 arguments with
 // two int lists and a tensor list: ~8 us per call on a CPU host), which made the
 // two op calls most of an eager round trip's host time.

@@ -45,7 +45,7 @@ def test_mismatch_message():
 
 
 def test_bad_id_message_says_what_the_kernel_did():
-    """Issue 16: a bad id skips one slot; the token's other slots were delivered.
+    """A bad id skips one slot; the token's other slots were delivered.
     (-1 itself is no longer an error: it marks a slot without an expert.)"""
     err = error_from_record(BAD_ID, timeout_s=1, num_experts=64)
     assert isinstance(err, A2AExpertIdError) and isinstance(err, A2ADeviceError)

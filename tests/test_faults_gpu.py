@@ -1,4 +1,4 @@
-"""Fault injection on the GPU (issue 16): no hang, a named error, fail fast, recover.
+"""Fault injection on the GPU: no hang, a named error, fail fast, recover.
 
 One GPU, P logical ranks (design §8): a rank is stalled by a sleep kernel on its
 own stream before its launch, skips a combine, disagrees on the runtime max

@@ -181,7 +181,7 @@ class OneSidedAllToAll:
         self._combine_out_views: dict[int, torch.Tensor] = {}  # [:T] views of it, per T
         self._views_by_m: dict[int, DispatchResult] = {}
         self._combine_input_views: dict[int, torch.Tensor] = {}
-        # Per-call host work, paid once here (issue 15: eager host time): the op
+        # Per-call host work, paid once here (eager steps pay it every call): the op
         # overloads (`.default` skips the packet's overload lookup) and the spec's
         # constant arguments. The input check is the planned op's (see dispatch).
         self._dispatch_op = torch.ops.a2a_one_sided.dispatch.default
