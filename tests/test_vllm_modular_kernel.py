@@ -40,6 +40,41 @@ def _tokens(rank: int, count: int, top_k: int):
     return x, weights.float(), ids.to(torch.int32)
 
 
+def moe_layer_config(world_size: int, rank: int, top_k: int, parallel):
+    """vLLM's config of one MoE layer on ``rank`` (CPU, float32) and vLLM's own
+    expert map for it (linear placement: with 3 ranks, 8 experts split 3, 3, 2)."""
+    from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+    from vllm.model_executor.layers.fused_moe.config import (FusedMoEConfig,
+                                                             FusedMoEParallelConfig,
+                                                             RoutingMethodType)
+    from vllm.model_executor.layers.fused_moe.expert_map_manager import determine_expert_map
+
+    moe_parallel = FusedMoEParallelConfig.make(1, 1, world_size, 1, parallel)
+    assert moe_parallel.use_all2all_kernels and moe_parallel.ep_size == world_size
+    per_rank, expert_map, _ = determine_expert_map(world_size, rank, NUM_EXPERTS, "linear")
+    moe = FusedMoEConfig(
+        num_experts=NUM_EXPERTS, experts_per_token=top_k, hidden_dim=HIDDEN,
+        intermediate_size=INTER, num_local_experts=per_rank,
+        num_logical_experts=NUM_EXPERTS, activation=MoEActivation.SILU, device="cpu",
+        routing_method=RoutingMethodType.Renormalize, moe_parallel_config=moe_parallel,
+        in_dtype=torch.float32, max_num_tokens=64)
+    return moe, expert_map
+
+
+def dense_moe(x, weights, ids, w1, w2, apply_on_input: bool = False) -> torch.Tensor:
+    """A single-device MoE of ``x`` ``[T, HIDDEN]``: the expected output."""
+    from tests.torch_experts import expert_mlp
+
+    dense = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for k in range(ids.shape[1]):
+            e = int(ids[t, k])
+            y = expert_mlp((x[t:t + 1] * weights[t, k]) if apply_on_input else x[t:t + 1],
+                           w1[e], w2[e])
+            dense[t] += (y[0] if apply_on_input else weights[t, k] * y[0])
+    return dense
+
+
 def _rank_main(rank, world_size, port, experts_kind, counts, apply_on_input, top_k,
                foreign_defaults=False):
     os.environ["VLLM_TARGET_DEVICE"] = "cpu"
@@ -53,12 +88,9 @@ def _rank_main(rank, world_size, port, experts_kind, counts, apply_on_input, top
     from vllm.model_executor.layers.fused_moe import modular_kernel as mk
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
     from vllm.model_executor.layers.fused_moe.all2all_utils import maybe_make_prepare_finalize
-    from vllm.model_executor.layers.fused_moe.expert_map_manager import determine_expert_map
-    from vllm.model_executor.layers.fused_moe.config import (
-        FUSED_MOE_UNQUANTIZED_CONFIG, FusedMoEConfig, FusedMoEParallelConfig,
-        RoutingMethodType)
+    from vllm.model_executor.layers.fused_moe.config import FUSED_MOE_UNQUANTIZED_CONFIG
 
-    from tests.torch_experts import ReducingTorchExperts, UnreducedTorchExperts, expert_mlp
+    from tests.torch_experts import ReducingTorchExperts, UnreducedTorchExperts
     from vllm_a2a_plugin.vllm.manager import OneSidedAll2AllManager, ep_manager
     from vllm_a2a_plugin.vllm.prepare_finalize import OneSidedPrepareAndFinalize
 
@@ -74,16 +106,7 @@ def _rank_main(rank, world_size, port, experts_kind, counts, apply_on_input, top
         if world_size > 1:
             assert get_ep_group().device_communicator.all2all_manager is manager
 
-        moe_parallel = FusedMoEParallelConfig.make(1, 1, world_size, 1, parallel)
-        assert moe_parallel.use_all2all_kernels and moe_parallel.ep_size == world_size
-        # vLLM's own placement: with 3 ranks, 8 experts split 3, 3, 2.
-        per_rank, expert_map, _ = determine_expert_map(world_size, rank, NUM_EXPERTS, "linear")
-        moe = FusedMoEConfig(
-            num_experts=NUM_EXPERTS, experts_per_token=top_k, hidden_dim=HIDDEN,
-            intermediate_size=INTER, num_local_experts=per_rank,
-            num_logical_experts=NUM_EXPERTS, activation=MoEActivation.SILU, device="cpu",
-            routing_method=RoutingMethodType.Renormalize, moe_parallel_config=moe_parallel,
-            in_dtype=torch.float32, max_num_tokens=64)
+        moe, expert_map = moe_layer_config(world_size, rank, top_k, parallel)
         # A caller's defaults must not leak into our tensors: vLLM builds models
         # under `with torch.device("cuda")`; on CPU the meta device shows any
         # allocation that forgot its device (it would hold no data).
@@ -105,13 +128,7 @@ def _rank_main(rank, world_size, port, experts_kind, counts, apply_on_input, top
             x, weights, ids = _tokens(rank + 10 * step, counts[rank], top_k)
             out = kernel.apply(x, w1[local], w2[local], weights, ids, MoEActivation.SILU,
                                NUM_EXPERTS, expert_map, apply_on_input)
-            dense = torch.zeros_like(x)
-            for t in range(x.shape[0]):
-                for k in range(ids.shape[1]):
-                    e = int(ids[t, k])
-                    y = expert_mlp((x[t:t + 1] * weights[t, k]) if apply_on_input else x[t:t + 1],
-                                   w1[e], w2[e])
-                    dense[t] += (y[0] if apply_on_input else weights[t, k] * y[0])
+            dense = dense_moe(x, weights, ids, w1, w2, apply_on_input)
             assert out.shape == x.shape
             torch.testing.assert_close(out, dense, rtol=1e-4, atol=1e-5)
         from vllm_a2a_plugin.vllm.manager import ep_round_counts

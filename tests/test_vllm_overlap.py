@@ -114,14 +114,12 @@ def _rank_dbo(rank, world_size, port, schedule):
     from vllm.model_executor.layers.fused_moe import modular_kernel as mk
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
     from vllm.model_executor.layers.fused_moe.all2all_utils import maybe_make_prepare_finalize
-    from vllm.model_executor.layers.fused_moe.config import (
-        FUSED_MOE_UNQUANTIZED_CONFIG, FusedMoEConfig, FusedMoEParallelConfig,
-        RoutingMethodType)
-    from vllm.model_executor.layers.fused_moe.expert_map_manager import determine_expert_map
+    from vllm.model_executor.layers.fused_moe.config import FUSED_MOE_UNQUANTIZED_CONFIG
     from vllm.v1.worker import ubatching
 
-    from tests.test_vllm_modular_kernel import HIDDEN, INTER, NUM_EXPERTS, TOP_K, _tokens, _weights
-    from tests.torch_experts import UnreducedTorchExperts, expert_mlp
+    from tests.test_vllm_modular_kernel import (NUM_EXPERTS, TOP_K, _tokens, _weights, dense_moe,
+                                                moe_layer_config)
+    from tests.torch_experts import UnreducedTorchExperts
     from vllm_a2a_plugin.reference import ReferenceAllToAll
     from vllm_a2a_plugin.vllm.compat import modular_kernel_has_supports_dbo
     from vllm_a2a_plugin.vllm.manager import ep_manager, ep_round_counts
@@ -138,14 +136,7 @@ def _rank_dbo(rank, world_size, port, schedule):
     with set_current_vllm_config(config):
         init_distributed_environment(world_size, rank, f"tcp://127.0.0.1:{port}", 0, "gloo")
         initialize_model_parallel(1, 1)
-        moe_parallel = FusedMoEParallelConfig.make(1, 1, world_size, 1, parallel)
-        per_rank, expert_map, _ = determine_expert_map(world_size, rank, NUM_EXPERTS, "linear")
-        moe = FusedMoEConfig(
-            num_experts=NUM_EXPERTS, experts_per_token=TOP_K, hidden_dim=HIDDEN,
-            intermediate_size=INTER, num_local_experts=per_rank,
-            num_logical_experts=NUM_EXPERTS, activation=MoEActivation.SILU, device="cpu",
-            routing_method=RoutingMethodType.Renormalize, moe_parallel_config=moe_parallel,
-            in_dtype=torch.float32, max_num_tokens=64)
+        moe, expert_map = moe_layer_config(world_size, rank, TOP_K, parallel)
         pf = maybe_make_prepare_finalize(moe, FUSED_MOE_UNQUANTIZED_CONFIG,
                                          allow_new_interface=True)
         assert isinstance(pf, OneSidedPrepareAndFinalize) and pf.micro_batches == 2
@@ -207,13 +198,8 @@ def _rank_dbo(rank, world_size, port, schedule):
         assert not any(thread.is_alive() for thread in threads)
 
         for ub in range(2):
-            x, weights, ids = inputs[ub]
-            dense = torch.zeros_like(x)
-            for t in range(x.shape[0]):
-                for k in range(TOP_K):
-                    e = int(ids[t, k])
-                    dense[t] += weights[t, k] * expert_mlp(x[t:t + 1], w1[e], w2[e])[0]
-            torch.testing.assert_close(results[ub], dense, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(results[ub], dense_moe(*inputs[ub], w1, w2),
+                                       rtol=1e-4, atol=1e-5)
 
         waits = [entry for entry in log if entry[0] == "wait"]
         if schedule == "comm_stream":
