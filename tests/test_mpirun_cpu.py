@@ -54,20 +54,23 @@ ranks = [None] * dist.get_world_size()
 dist.all_gather_object(ranks, (dist.get_rank(), launch.local_rank))
 total = torch.tensor([float(dist.get_rank() + 1)])
 dist.all_reduce(total)
-print("RESULT " + json.dumps({"launcher": launch.launcher, "rank": dist.get_rank(),
-      "world": dist.get_world_size(), "ranks": ranks, "sum": total.item()}), flush=True)
+import sys, pathlib
+pathlib.Path(sys.argv[1], f"rank{dist.get_rank()}.json").write_text(json.dumps(
+    {"launcher": launch.launcher, "rank": dist.get_rank(), "world": dist.get_world_size(),
+     "ranks": ranks, "sum": total.item()}))
 dist.destroy_process_group()
 """
 
 
-def test_two_ranks_under_mpirun_form_a_gloo_group():
+def test_two_ranks_under_mpirun_form_a_gloo_group(tmp_path):
     mpirun = _require_mpirun()
-    done = subprocess.run([mpirun, "-np", "2", sys.executable, "-c", _WORKER], cwd=ROOT,
-                          env=_mpi_env(), stdin=subprocess.DEVNULL, capture_output=True,
-                          text=True, timeout=TIMEOUT_S)
+    # Each rank writes its own file: mpirun forwards the ranks' stdout as one
+    # stream, where two ranks' lines can run together.
+    done = subprocess.run([mpirun, "-np", "2", sys.executable, "-c", _WORKER, str(tmp_path)],
+                          cwd=ROOT, env=_mpi_env(), stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    results = sorted((json.loads(line.split("RESULT ", 1)[1])
-                      for line in done.stdout.splitlines() if "RESULT " in line),
+    results = sorted((json.loads(f.read_text()) for f in tmp_path.glob("rank*.json")),
                      key=lambda r: r["rank"])
     assert [r["rank"] for r in results] == [0, 1]
     for r in results:
