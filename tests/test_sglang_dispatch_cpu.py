@@ -54,6 +54,23 @@ def _dense(x, weights, ids, w13, w2):
     return dense_moe_reference(x, ids, weights, expert)
 
 
+def _runner_config_and_ep_group(rank: int, world_size: int):
+    """SGLang's MoE runner config (Triton, bf16) and this rank's EP group (gloo WORLD)."""
+    import torch.distributed as dist
+    from sglang.srt.layers.moe.moe_runner import MoeRunnerConfig
+    from sglang.srt.layers.moe.utils import MoeRunnerBackend
+
+    config = MoeRunnerConfig(num_experts=NUM_EXPERTS,
+                             num_local_experts=NUM_EXPERTS // world_size,
+                             hidden_size=HIDDEN, intermediate_size_per_partition=INTER,
+                             top_k=TOP_K, num_fused_shared_experts=0,
+                             params_dtype=torch.bfloat16, runner_backend=MoeRunnerBackend.TRITON,
+                             activation="silu", inplace=False)
+    ep_group = SimpleNamespace(cpu_group=dist.group.WORLD, rank_in_group=rank,
+                               world_size=world_size)
+    return config, ep_group
+
+
 def _rank_main(rank, world_size, port, counts, fp8):
     import torch.distributed as dist
 
@@ -65,7 +82,6 @@ def _rank_main(rank, world_size, port, counts, fp8):
     from sglang.srt.layers.dp_attention import set_dp_buffer_len
     from sglang.srt.layers.moe.fused_moe_native import fused_moe_forward_native
     from sglang.srt.layers.moe.fused_moe_triton.layer import create_moe_dispatcher
-    from sglang.srt.layers.moe.moe_runner import MoeRunnerConfig
     from sglang.srt.layers.moe.topk import StandardTopKOutput
     from sglang.srt.layers.moe.utils import MoeRunnerBackend, initialize_moe_config
     from sglang.srt.layers.quantization.unquant import UnquantizedFusedMoEMethod
@@ -84,13 +100,7 @@ def _rank_main(rank, world_size, port, counts, fp8):
     initialize_moe_config()  # SGLang converts the flag: MoeA2ABackend.CUSTOMIZED
 
     per_rank = NUM_EXPERTS // world_size
-    config = MoeRunnerConfig(num_experts=NUM_EXPERTS, num_local_experts=per_rank,
-                             hidden_size=HIDDEN, intermediate_size_per_partition=INTER,
-                             top_k=TOP_K, num_fused_shared_experts=0,
-                             params_dtype=torch.bfloat16, runner_backend=MoeRunnerBackend.TRITON,
-                             activation="silu", inplace=False)
-    ep_group = SimpleNamespace(cpu_group=dist.group.WORLD, rank_in_group=rank,
-                               world_size=world_size)
+    config, ep_group = _runner_config_and_ep_group(rank, world_size)
     with get_parallel().override(moe_ep_group=ep_group):
         if fp8:
             placement = EpPlacement(cpu_group=dist.group.WORLD, rank=rank, size=world_size,
@@ -168,10 +178,8 @@ def _tbo_rank_main(rank, world_size, port, micro_counts):
     from sglang.srt.layers.dp_attention import set_dp_buffer_len
     from sglang.srt.layers.moe.fused_moe_native import fused_moe_forward_native
     from sglang.srt.layers.moe.fused_moe_triton.layer import create_moe_dispatcher
-    from sglang.srt.layers.moe.moe_runner import MoeRunnerConfig
     from sglang.srt.layers.moe.topk import StandardTopKOutput
-    from sglang.srt.layers.moe.utils import (MoeRunnerBackend, initialize_moe_config,
-                                             is_tbo_enabled)
+    from sglang.srt.layers.moe.utils import initialize_moe_config, is_tbo_enabled
     from sglang.srt.layers.quantization.unquant import UnquantizedFusedMoEMethod
     from sglang.srt.runtime_context import get_parallel, publish
     from sglang.srt.server_args import prepare_server_args
@@ -188,13 +196,7 @@ def _tbo_rank_main(rank, world_size, port, micro_counts):
     initialize_moe_config()
     assert is_tbo_enabled()
     per_rank = NUM_EXPERTS // world_size
-    config = MoeRunnerConfig(num_experts=NUM_EXPERTS, num_local_experts=per_rank,
-                             hidden_size=HIDDEN, intermediate_size_per_partition=INTER,
-                             top_k=TOP_K, num_fused_shared_experts=0,
-                             params_dtype=torch.bfloat16, runner_backend=MoeRunnerBackend.TRITON,
-                             activation="silu", inplace=False)
-    ep_group = SimpleNamespace(cpu_group=dist.group.WORLD, rank_in_group=rank,
-                               world_size=world_size)
+    config, ep_group = _runner_config_and_ep_group(rank, world_size)
     with get_parallel().override(moe_ep_group=ep_group):
         dispatcher = create_moe_dispatcher(config, UnquantizedFusedMoEMethod())
     assert isinstance(dispatcher, OneSidedDispatcher), type(dispatcher)
