@@ -87,15 +87,16 @@ print('vllm', vllm.__version__, 'torch', torch.__version__, 'kernels', ops.kerne
       --out "$out/suite.json" "$@" 2>&1 | grep -v "it/s]" | tee "$out/bench.log" | tail -15 ;;
   faults)
     install_plugin
-    python3 -m pytest tests/test_watchdog_cpu.py tests/test_faults_gpu.py -k "watchdog or lost or slow" \
-      -q --timeout 300 -p no:cacheprovider -rs 2>&1 | tee "$out/faults.log" | tail -15
-    python3 benchmarks/fault_detection.py --faults "${FAULTS:-100}" --interval "${FAULT_INTERVAL_S:-0.25}" \
+    timeout "${FAULT_TESTS_TIMEOUT_S:-240}" python3 -m pytest tests/test_watchdog_cpu.py \
+      tests/test_faults_gpu.py -q --timeout 120 -p no:cacheprovider -rs 2>&1 \
+      | tee "$out/faults.log" | tail -15
+    A2A_COMMIT=$commit timeout "${FAULT_BENCH_TIMEOUT_S:-330}" python3 benchmarks/fault_detection.py --faults "${FAULTS:-100}" --interval "${FAULT_INTERVAL_S:-0.25}" \
       --json "$out/fault_detection.json" --plot "$out/fault_detection.png" 2>&1 \
       | tee "$out/fault_detection.log" | tail -60 ;;
   engine_faults)
     with_vllm
-    python3 -m pytest tests/test_engine_faults.py -v -s --timeout 400 -p no:cacheprovider -rs \
-      -k "${2:-kill}" 2>&1 | tee "$out/engine_faults.log" | grep -E "FAULT_RESULT|PASSED|FAILED|SKIPPED|Error|^E " | tail -40
+    timeout "${ENGINE_FAULTS_TIMEOUT_S:-540}" python3 -m pytest tests/test_engine_faults.py -v -s \
+      --timeout 400 -p no:cacheprovider -rs -k "${2:-kill}" 2>&1 | tee "$out/engine_faults.log" | grep -E "FAULT_RESULT|PASSED|FAILED|SKIPPED|Error|^E " | tail -40
     cp /tmp/pytest-of-*/pytest-*/test_dp2_*/rank*.log "$out/" 2>/dev/null || true ;;
 
   overlap)
