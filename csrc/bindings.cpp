@@ -475,7 +475,7 @@ int64_t watchdog_segment_bytes_op(int64_t num_ranks) {
 // CUDA is present); the caller keeps it alive until watchdog_stop.
 int64_t watchdog_start(const std::string& path, int64_t num_ranks, c10::IntArrayRef my_ranks,
                        const at::Tensor& abort_word, int64_t interval_ns, int64_t tick_ns,
-                       int64_t exit_after_ns) {
+                       int64_t exit_after_ns, int64_t end_parent_pid) {
   TORCH_CHECK(num_ranks >= 1 && num_ranks <= kMaxRanks, "num_ranks (", num_ranks,
               ") must be in [1, ", kMaxRanks, "]");
   TORCH_CHECK(abort_word.device().is_cpu() && abort_word.scalar_type() == at::kInt &&
@@ -484,6 +484,7 @@ int64_t watchdog_start(const std::string& path, int64_t num_ranks, c10::IntArray
   TORCH_CHECK(interval_ns > 0 && tick_ns > 0 && tick_ns <= interval_ns,
               "need 0 < tick_ns (", tick_ns, ") <= interval_ns (", interval_ns, ")");
   TORCH_CHECK(exit_after_ns >= 0, "exit_after_ns (", exit_after_ns, ") must be >= 0");
+  TORCH_CHECK(end_parent_pid >= 0, "end_parent_pid (", end_parent_pid, ") must be >= 0");
   std::vector<int> mine;
   for (const int64_t r : my_ranks) {
     TORCH_CHECK(r >= 0 && r < num_ranks, "rank ", r, " outside [0, ", num_ranks, ")");
@@ -494,7 +495,7 @@ int64_t watchdog_start(const std::string& path, int64_t num_ranks, c10::IntArray
   try {
     watchdog = std::make_shared<PeerWatchdog>(path, static_cast<int>(num_ranks), mine,
                                               abort_word.data_ptr<int32_t>(), interval_ns, tick_ns,
-                                              exit_after_ns);
+                                              exit_after_ns, end_parent_pid);
   } catch (const std::runtime_error& e) {
     TORCH_CHECK(false, e.what());
   }
@@ -548,7 +549,7 @@ TORCH_LIBRARY(a2a_one_sided, m) {
   m.def("built_with_cuda() -> bool", &a2a::built_with_cuda);
   m.def("watchdog_segment_bytes(int num_ranks) -> int", &a2a::watchdog_segment_bytes_op);
   m.def("watchdog_start(str path, int num_ranks, int[] my_ranks, Tensor abort_word, "
-        "int interval_ns, int tick_ns, int exit_after_ns=0) -> int",
+        "int interval_ns, int tick_ns, int exit_after_ns=0, int end_parent_pid=0) -> int",
         &a2a::watchdog_start);
   m.def("watchdog_stop(int watchdog, bool depart) -> ()", &a2a::watchdog_stop);
   m.def("watchdog_pause(int watchdog, int rank, bool paused) -> ()", &a2a::watchdog_pause);

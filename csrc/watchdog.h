@@ -100,14 +100,21 @@ class PeerWatchdog {
   // collective with the lost peer (a gloo all-reduce waits on a stopped peer
   // forever) where no kernel wait and no Python check of ours can end it; the
   // engine's front end then reports its dead engine. 0: never.
+  // `end_parent_pid` > 0: when exiting so, end that process first if it is still
+  // this process's parent: an engine process whose workers run the all-to-all
+  // (vLLM's engine core) may itself wait in a host collective with the lost
+  // peer's engine (its data-parallel all-reduce), where our exit cannot reach
+  // it. SIGTERM, then SIGKILL if it is still there a second later. 0: never.
   PeerWatchdog(const std::string& path, int num_ranks, std::vector<int> my_ranks,
-               int32_t* abort_word, int64_t interval_ns, int64_t tick_ns, int64_t exit_after_ns)
+               int32_t* abort_word, int64_t interval_ns, int64_t tick_ns, int64_t exit_after_ns,
+               int64_t end_parent_pid = 0)
       : num_ranks_(num_ranks),
         my_ranks_(std::move(my_ranks)),
         abort_word_(abort_word),
         interval_ns_(interval_ns),
         tick_ns_(tick_ns),
         exit_after_ns_(exit_after_ns),
+        end_parent_pid_(static_cast<pid_t>(end_parent_pid)),
         paused_(num_ranks),
         mine_(num_ranks, false) {
     for (auto& p : paused_) p.store(false);
@@ -264,11 +271,27 @@ class PeerWatchdog {
                      static_cast<int>(getpid()), __atomic_load_n(&abort_word_[kAbortPeer], __ATOMIC_RELAXED),
                      static_cast<double>(exit_after_ns_) * 1e-9, kPeerLostExitCode);
         std::fflush(stderr);
+        end_parent();
         _exit(kPeerLostExitCode);
       }
       ticks_.fetch_add(1);
       std::this_thread::sleep_for(std::chrono::nanoseconds(tick_ns_));
     }
+  }
+
+  // See the constructor. A parent that is gone (or was never ours) is left alone:
+  // once it dies this process is re-parented and getppid() changes.
+  void end_parent() const {
+    if (end_parent_pid_ <= 0 || getppid() != end_parent_pid_) return;
+    std::fprintf(stderr, "[a2a_one_sided] watchdog (pid %d): ending its engine process (pid %d) "
+                 "too: it may wait on the lost rank in a host collective\n",
+                 static_cast<int>(getpid()), static_cast<int>(end_parent_pid_));
+    std::fflush(stderr);
+    kill(end_parent_pid_, SIGTERM);
+    for (int i = 0; i < 20 && getppid() == end_parent_pid_; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    if (getppid() == end_parent_pid_) kill(end_parent_pid_, SIGKILL);
   }
 
   const int num_ranks_;
@@ -277,6 +300,7 @@ class PeerWatchdog {
   const int64_t interval_ns_;
   const int64_t tick_ns_;
   const int64_t exit_after_ns_;
+  const pid_t end_parent_pid_;
   std::vector<std::atomic<bool>> paused_;
   std::vector<bool> mine_;
   uint8_t* base_ = nullptr;

@@ -28,6 +28,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 step=${1:?usage: gpu_session.sh stage|kernels|soak|experts|engine [pytest -k expression]}
 out=${OUT:-out}
+failed=0
 mkdir -p "$out"
 # NVLink multicast stays off on these machines (it can take the host's GPUs down).
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -61,7 +62,7 @@ print('vllm', vllm.__version__, 'torch', torch.__version__, 'kernels', ops.kerne
     install_plugin
     python3 -m pytest tests/test_kernels_gpu.py tests/test_ipc_one_gpu.py \
       tests/test_default_device_gpu.py tests/test_faults_gpu.py tests/test_resources_gpu.py \
-      -q --timeout 300 -p no:cacheprovider -rs 2>&1 | tee "$out/kernels.log" | tail -15
+      -q --timeout 300 -p no:cacheprovider -rs 2>&1 | tee "$out/kernels.log" | tail -15 || failed=1
     python3 benchmarks/resource_cycles.py --cycles 10000 --out "$out/resource_cycles.json" \
       2>&1 | tail -8 ;;
   soak)
@@ -75,7 +76,7 @@ print('vllm', vllm.__version__, 'torch', torch.__version__, 'kernels', ops.kerne
     with_vllm
     python3 -m pytest tests/test_engine.py -v -s --timeout 900 -p no:cacheprovider -rs \
       -k "${2:-not multigpu}" 2>&1 | tee "$out/engine.log" \
-      | grep -E "ENGINE_RESULT|PASSED|FAILED|SKIPPED|Error|^E " | tail -40
+      | grep -E "ENGINE_RESULT|PASSED|FAILED|SKIPPED|Error|^E " | tail -40 || failed=1
     cp /tmp/pytest-of-*/pytest-*/test_two_dp*/rank*.log "$out/" 2>/dev/null || true
     cp /tmp/pytest-of-*/pytest-*/test_vllm_serve_dp2*/serve-rank*.log "$out/" 2>/dev/null || true ;;
   bench)
@@ -89,22 +90,24 @@ print('vllm', vllm.__version__, 'torch', torch.__version__, 'kernels', ops.kerne
     install_plugin
     timeout "${FAULT_TESTS_TIMEOUT_S:-240}" python3 -m pytest tests/test_watchdog_cpu.py \
       tests/test_faults_gpu.py -q --timeout 120 -p no:cacheprovider -rs 2>&1 \
-      | tee "$out/faults.log" | tail -15
+      | tee "$out/faults.log" | tail -15 || failed=1
     A2A_COMMIT=$commit timeout "${FAULT_BENCH_TIMEOUT_S:-330}" python3 benchmarks/fault_detection.py --faults "${FAULTS:-100}" --interval "${FAULT_INTERVAL_S:-0.25}" \
       --json "$out/fault_detection.json" --plot "$out/fault_detection.png" 2>&1 \
       | tee "$out/fault_detection.log" | tail -60 ;;
   engine_faults)
     with_vllm
     timeout "${ENGINE_FAULTS_TIMEOUT_S:-540}" python3 -m pytest tests/test_engine_faults.py -v -s \
-      --timeout 400 -p no:cacheprovider -rs -k "${2:-kill}" 2>&1 | tee "$out/engine_faults.log" | grep -E "FAULT_RESULT|PASSED|FAILED|SKIPPED|Error|^E " | tail -40
-    cp /tmp/pytest-of-*/pytest-*/test_dp2_*/rank*.log "$out/" 2>/dev/null || true ;;
+      --timeout 400 -p no:cacheprovider -rs -k "${2:-kill}" 2>&1 | tee "$out/engine_faults.log" | grep -E "FAULT_RESULT|PASSED|FAILED|SKIPPED|Error|^E " | tail -40 || failed=1
+    for d in /tmp/pytest-of-*/pytest-*/test_dp2_*[0-9] /tmp/pytest-of-*/pytest-*/test_served*[0-9]; do
+      [ -d "$d" ] && mkdir -p "$out/$(basename "$d")" && cp "$d"/*.log "$out/$(basename "$d")/" 2>/dev/null
+    done; true ;;
 
   overlap)
     # Two micro-batches in flight (split phases; the comm-stream order of DBO, eager
     # and in a CUDA graph), then exposed all-to-all with and without overlap.
     install_plugin
     python3 -m pytest tests/test_overlap_gpu.py -q --timeout 120 -p no:cacheprovider -rs 2>&1 \
-      | tee "$out/overlap_tests.log" | tail -5
+      | tee "$out/overlap_tests.log" | tail -5 || failed=1
     A2A_COMMIT=$commit timeout "${BENCH_TIMEOUT_S:-330}" python3 benchmarks/bench_overlap.py \
       --comm-max-blocks "${COMM_MAX_BLOCKS:-0}" --out "$out/overlap.json" --plot 2>&1 \
       | tee "$out/bench_overlap.log" | tail -12 ;;
@@ -142,7 +145,7 @@ except BaseException:  # noqa: BLE001
 PY
       timeout "${SGLANG_GPU_TESTS_TIMEOUT_S:-270}" python3 -m pytest tests/test_sglang_plugin.py \
         tests/test_sglang_engine_check_cpu.py tests/test_sglang_gpu.py -q --timeout 200 \
-        -p no:cacheprovider -rs 2>&1 | tee "$out/sglang.log" | tail -25
+        -p no:cacheprovider -rs 2>&1 | tee "$out/sglang.log" | tail -25 || failed=1
     fi
     # Real engines (tests/test_sglang_engine.py): default MoE path vs ours, eager
     # by default; "graphs" (or "eager or graphs") as the second argument. A run
@@ -153,3 +156,6 @@ PY
       | grep -E "SGLANG_ENGINE|PASSED|FAILED|SKIPPED|Error|^E " | tail -30 ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
 esac
+# A failed test run above lets the step go on (its logs are copied, the engine
+# runs after the tests); the step still fails.
+exit "$failed"

@@ -332,3 +332,84 @@ def test_message_put_before_os_exit_reaches_the_parent():
         finally:
             proc.join(30)
         assert proc.exitcode == 0
+
+
+def _engine_core_with_a_worker(ignore_sigterm: bool) -> None:
+    """A stand-in for vLLM's engine core: names itself for its worker (as the
+    plugin does in the real one), starts a worker that loses a peer, then waits
+    as if blocked in its data-parallel all-reduce with the lost engine
+    (``ignore_sigterm``: a C++ wait that Python's SIGTERM handler never
+    interrupts)."""
+    from vllm_a2a_plugin import envs
+
+    if ignore_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    os.environ[envs.ENGINE_CORE_PID] = str(os.getpid())
+    worker = mp.get_context("spawn").Process(target=_worker_losing_a_peer)
+    worker.start()
+    time.sleep(60)  # ended by the worker's watchdog long before this
+
+
+def _worker_losing_a_peer() -> None:
+    from vllm_a2a_plugin import envs
+
+    abort = AbortWord()
+    watchdog = PeerWatchdog.start_local(2, abort=abort, interval_s=0.2, exit_after_s=0.3,
+                                        end_parent_pid=envs.engine_core_parent_pid())
+    watchdog.pause_heartbeat(1)
+    time.sleep(60)
+
+
+@pytest.mark.parametrize("ignore_sigterm", [True, False], ids=["blocked", "responsive"])
+def test_worker_exiting_after_a_loss_ends_its_engine_core(ignore_sigterm):
+    """A worker whose watchdog ends it after an unhandled loss ends its engine
+    core parent first: SIGTERM, and SIGKILL a second later if that was not
+    enough (a blocked engine core stays alive otherwise, and its front end
+    would wait forever)."""
+    ops.load()
+    engine = mp.get_context("spawn").Process(target=_engine_core_with_a_worker,
+                                             args=(ignore_sigterm,))
+    engine.start()
+    engine.join(40)
+    if engine.exitcode is None:
+        engine.kill()
+        engine.join(5)
+        pytest.fail("the engine core stand-in was not ended by its worker's watchdog")
+    assert engine.exitcode == (-signal.SIGKILL if ignore_sigterm else -signal.SIGTERM)
+
+
+def test_engine_core_parent_pid_only_for_the_parent(monkeypatch):
+    from vllm_a2a_plugin import envs
+
+    monkeypatch.setenv(envs.ENGINE_CORE_PID, str(os.getppid()))
+    assert envs.engine_core_parent_pid() == os.getppid()
+    monkeypatch.setenv(envs.ENGINE_CORE_PID, str(os.getpid()))  # the engine core itself
+    assert envs.engine_core_parent_pid() == 0
+    monkeypatch.setenv(envs.ENGINE_CORE_PID, "not a pid")
+    assert envs.engine_core_parent_pid() == 0
+    monkeypatch.delenv(envs.ENGINE_CORE_PID)
+    assert envs.engine_core_parent_pid() == 0
+
+
+def _plugin_marks(out) -> None:
+    from vllm_a2a_plugin import envs
+    from vllm_a2a_plugin.vllm import hooks
+
+    os.environ.pop(envs.ENGINE_CORE_PID, None)
+    hooks.install()  # what vLLM's load_general_plugins() runs in every process
+    out.put((os.getpid(), os.environ.get(envs.ENGINE_CORE_PID)))
+
+
+@pytest.mark.parametrize("name, marked", [("EngineCore_DP1", True), ("EngineCore", True),
+                                          ("VllmWorker-0", False)])
+def test_plugin_names_the_engine_core_for_its_workers(name, marked):
+    """The plugin, loaded in vLLM's engine core (process name ``EngineCore_DP<r>``
+    or ``EngineCore``), names its pid for the workers it starts; elsewhere not."""
+    pytest.importorskip("vllm", reason="vLLM is not installed (vLLM envs only)")
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    proc = ctx.Process(target=_plugin_marks, args=(out,), name=name, daemon=True)
+    proc.start()
+    pid, value = out.get(timeout=120)
+    proc.join(30)
+    assert value == (str(pid) if marked else None)

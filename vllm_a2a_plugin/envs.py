@@ -85,6 +85,22 @@ def peer_interval_seconds(default: float) -> float:
     return value
 
 
+# Set by the vLLM plugin in vLLM's engine core process, so the workers it starts
+# (which inherit it) know their parent is that engine core.
+ENGINE_CORE_PID = "VLLM_A2A_ENGINE_CORE_PID"
+
+
+def engine_core_parent_pid() -> int:
+    """The pid of vLLM's engine core if it is this process's parent (this is one
+    of its workers), else 0: the process a worker that exits after a loss ends
+    too (see :class:`vllm_a2a_plugin.watchdog.PeerWatchdog`)."""
+    raw = os.environ.get(ENGINE_CORE_PID, "")
+    if not raw.isdigit():
+        return 0
+    pid = int(raw)
+    return pid if pid == os.getppid() else 0
+
+
 def peer_lost_exit_seconds() -> float:
     """``VLLM_A2A_PEER_LOST_EXIT_S``: end the process this long after the watchdog
     saw a peer lost and nothing rearmed it (``0``, the default: never). For

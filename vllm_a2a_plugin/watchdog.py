@@ -166,11 +166,17 @@ class PeerWatchdog:
             collective with the lost peer (a gloo all-reduce waiting on a
             stopped peer) is ended by nothing else, and the engine's front end
             reports a dead engine (``VLLM_A2A_PEER_LOST_EXIT_S``).
+        end_parent_pid: with ``exit_after_s``: end this process's parent too
+            (SIGTERM, then SIGKILL a second later) before exiting, if that pid
+            is still the parent then; 0 never. For vLLM's engine core, which
+            may wait in its own data-parallel all-reduce with the lost peer's
+            engine while its worker (this process) exits.
     """
 
     def __init__(self, *, segment_path: str, num_ranks: int, my_ranks: list[int],
                  abort: AbortWord, interval_s: float = DEFAULT_INTERVAL_S,
-                 tick_s: float | None = None, exit_after_s: float = 0.0):
+                 tick_s: float | None = None, exit_after_s: float = 0.0,
+                 end_parent_pid: int = 0):
         if interval_s <= 0:
             raise A2AInputError(f"interval_s must be positive, got {interval_s}")
         tick_s = interval_s / 10 if tick_s is None else tick_s
@@ -186,14 +192,15 @@ class PeerWatchdog:
         self.tick_s = tick_s
         self._handle = int(torch.ops.a2a_one_sided.watchdog_start(
             segment_path, num_ranks, self.my_ranks, abort.tensor, int(interval_s * 1e9),
-            max(1, int(tick_s * 1e9)), int(exit_after_s * 1e9)))
+            max(1, int(tick_s * 1e9)), int(exit_after_s * 1e9), int(end_parent_pid)))
         _running.add(self)
 
     @classmethod
     def start_for_group(cls, cpu_group, *, abort: AbortWord,
                         interval_s: float = DEFAULT_INTERVAL_S,
                         tick_s: float | None = None,
-                        exit_after_s: float = 0.0) -> "PeerWatchdog":
+                        exit_after_s: float = 0.0,
+                        end_parent_pid: int = 0) -> "PeerWatchdog":
         """Start the watchdogs of an EP group, one rank per process: collective.
 
         Rank 0 creates the segment and names it through ``cpu_group``; every
@@ -207,7 +214,8 @@ class PeerWatchdog:
         dist.broadcast_object_list(name, src=dist.get_global_rank(cpu_group, 0),
                                    group=cpu_group)
         watchdog = cls(segment_path=name[0], num_ranks=world, my_ranks=[rank], abort=abort,
-                       interval_s=interval_s, tick_s=tick_s, exit_after_s=exit_after_s)
+                       interval_s=interval_s, tick_s=tick_s, exit_after_s=exit_after_s,
+                       end_parent_pid=end_parent_pid)
         dist.barrier(group=cpu_group)
         if rank == 0:
             os.unlink(name[0])
@@ -217,7 +225,8 @@ class PeerWatchdog:
     def start_local(cls, num_ranks: int, *, abort: AbortWord,
                     interval_s: float = DEFAULT_INTERVAL_S,
                     tick_s: float | None = None,
-                    exit_after_s: float = 0.0) -> "PeerWatchdog":
+                    exit_after_s: float = 0.0,
+                    end_parent_pid: int = 0) -> "PeerWatchdog":
         """A watchdog for ``num_ranks`` logical ranks all driven by this process:
         the same thread and segment, so :meth:`pause_heartbeat` on one of them
         takes the path a stopped peer process takes."""
@@ -225,7 +234,7 @@ class PeerWatchdog:
         try:
             return cls(segment_path=path, num_ranks=num_ranks, my_ranks=list(range(num_ranks)),
                        abort=abort, interval_s=interval_s, tick_s=tick_s,
-                       exit_after_s=exit_after_s)
+                       exit_after_s=exit_after_s, end_parent_pid=end_parent_pid)
         finally:
             os.unlink(path)
 

@@ -94,6 +94,7 @@ _MICRO_BATCHING_BACKEND_NAME = "deepep_low_latency"
 def install() -> None:
     """Apply every patch now or when its module is imported (idempotent)."""
     global _installed
+    _mark_engine_core_process()
     with _lock:
         if _installed:
             return
@@ -111,6 +112,20 @@ def install() -> None:
         _installed = True
 
 
+
+
+def _mark_engine_core_process() -> None:
+    """In vLLM's engine core process (``EngineCore.__init__`` loads the plugins
+    before it starts its workers), name its pid for the workers: a worker whose
+    watchdog ends it after a lost peer ends this engine core too, which may be
+    blocked in its data-parallel all-reduce with the lost engine (vLLM names
+    the process ``EngineCore_DP<rank>``). Outside ``_installed``'s guard: a
+    forked engine core inherits the front end's "installed" state."""
+    import multiprocessing
+    import os
+
+    if multiprocessing.current_process().name.startswith("EngineCore"):
+        os.environ[envs.ENGINE_CORE_PID] = str(os.getpid())
 
 
 # ------------------------------------------------------------ ParallelConfig
