@@ -391,25 +391,59 @@ def test_engine_core_parent_pid_only_for_the_parent(monkeypatch):
     assert envs.engine_core_parent_pid() == 0
 
 
-def _plugin_marks(out) -> None:
+class _StopBeforeWorkers(Exception):
+    pass
+
+
+class _ExecutorStandIn:
+    """Enough of an executor for ``MultiprocExecutor._init_executor`` to reach
+    the point where it would size and start its workers."""
+
+    def shutdown(self):
+        pass
+
+    def _get_parallel_sizes(self):
+        raise _StopBeforeWorkers
+
+
+def _executor_marks(out) -> None:
     from vllm_a2a_plugin import envs
     from vllm_a2a_plugin.vllm import hooks
 
     os.environ.pop(envs.ENGINE_CORE_PID, None)
-    hooks.install()  # what vLLM's load_general_plugins() runs in every process
+    hooks.install()  # what vLLM's load_general_plugins() runs
+    from vllm.v1.executor.multiproc_executor import MultiprocExecutor
+
+    try:
+        MultiprocExecutor._init_executor(_ExecutorStandIn())
+    except _StopBeforeWorkers:
+        pass
     out.put((os.getpid(), os.environ.get(envs.ENGINE_CORE_PID)))
 
 
-@pytest.mark.parametrize("name, marked", [("EngineCore_DP1", True), ("EngineCore", True),
-                                          ("VllmWorker-0", False)])
-def test_plugin_names_the_engine_core_for_its_workers(name, marked):
-    """The plugin, loaded in vLLM's engine core (process name ``EngineCore_DP<r>``
-    or ``EngineCore``), names its pid for the workers it starts; elsewhere not."""
+def test_engine_core_names_itself_before_starting_workers():
+    """vLLM's MultiprocExecutor, run in a child process (the engine core), names
+    that process's pid for the workers it is about to start; in the user's main
+    process it does not (a worker never ends that one)."""
     pytest.importorskip("vllm", reason="vLLM is not installed (vLLM envs only)")
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    proc = ctx.Process(target=_plugin_marks, args=(out,), name=name, daemon=True)
+    proc = ctx.Process(target=_executor_marks, args=(out,), name="EngineCore_DP0", daemon=True)
     proc.start()
-    pid, value = out.get(timeout=120)
+    pid, value = out.get(timeout=180)
     proc.join(30)
-    assert value == (str(pid) if marked else None)
+    assert value == str(pid)
+
+
+def test_main_process_is_never_named_for_workers(monkeypatch):
+    pytest.importorskip("vllm", reason="vLLM is not installed (vLLM envs only)")
+    from vllm_a2a_plugin import envs
+    from vllm_a2a_plugin.vllm import hooks
+
+    monkeypatch.delenv(envs.ENGINE_CORE_PID, raising=False)
+    hooks.install()
+    from vllm.v1.executor.multiproc_executor import MultiprocExecutor
+
+    with pytest.raises(_StopBeforeWorkers):
+        MultiprocExecutor._init_executor(_ExecutorStandIn())
+    assert envs.ENGINE_CORE_PID not in os.environ

@@ -85,8 +85,8 @@ def peer_interval_seconds(default: float) -> float:
     return value
 
 
-# Set by the vLLM plugin in vLLM's engine core process, so the workers it starts
-# (which inherit it) know their parent is that engine core.
+# Set by the vLLM plugin in vLLM's engine core process before it starts its
+# workers, so they (who inherit it) know their parent is that engine core.
 ENGINE_CORE_PID = "VLLM_A2A_ENGINE_CORE_PID"
 
 

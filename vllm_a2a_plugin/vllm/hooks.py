@@ -32,6 +32,12 @@ Patched (and why):
     moonep graphs, ``set_splitting_ops_for_v1``'s DeepEP-HT branch) treats
     both names alike, checked in 0.32 and 0.33.
 
+  * ``MultiprocExecutor._init_executor`` (``v1/executor/multiproc_executor.py``):
+    before it starts the workers, an engine core (a child process) names its
+    pid for them in ``VLLM_A2A_ENGINE_CORE_PID``: a worker that its peer
+    watchdog ends after a lost peer ends that engine core too, which otherwise
+    waits forever in its data-parallel all-reduce with a stopped peer's engine.
+
 Left alone on purpose (decisions for the other name checks of design §6, the
 same code in 0.32 and 0.33 unless noted):
   * ``v1/worker/sentinel/gpu_worker_sentinel.py`` fault tolerance
@@ -87,6 +93,7 @@ _CPU_COMMUNICATOR = "vllm.distributed.device_communicators.cpu_communicator"
 _ALL2ALL_UTILS = "vllm.model_executor.layers.fused_moe.all2all_utils"
 _PARALLEL_CONFIG = "vllm.config.parallel"
 _VLLM_CONFIG = "vllm.config.vllm"
+_MULTIPROC_EXECUTOR = "vllm.v1.executor.multiproc_executor"
 # A name vLLM's micro-batching check accepts on every platform (see _patch_vllm_config).
 _MICRO_BATCHING_BACKEND_NAME = "deepep_low_latency"
 
@@ -94,7 +101,6 @@ _MICRO_BATCHING_BACKEND_NAME = "deepep_low_latency"
 def install() -> None:
     """Apply every patch now or when its module is imported (idempotent)."""
     global _installed
-    _mark_engine_core_process()
     with _lock:
         if _installed:
             return
@@ -104,6 +110,7 @@ def install() -> None:
         when_imported(_CUDA_COMMUNICATOR, _patch_communicator("CudaCommunicator"))
         when_imported(_CPU_COMMUNICATOR, _patch_communicator("CpuCommunicator"))
         when_imported(_ALL2ALL_UTILS, _patch_prepare_finalize_factory)
+        when_imported(_MULTIPROC_EXECUTOR, _patch_multiproc_executor)
         if envs.single_rank_test_mode():
             from vllm_a2a_plugin.vllm import single_rank_mode
 
@@ -114,18 +121,32 @@ def install() -> None:
 
 
 
-def _mark_engine_core_process() -> None:
-    """In vLLM's engine core process (``EngineCore.__init__`` loads the plugins
-    before it starts its workers), name its pid for the workers: a worker whose
-    watchdog ends it after a lost peer ends this engine core too, which may be
-    blocked in its data-parallel all-reduce with the lost engine (vLLM names
-    the process ``EngineCore_DP<rank>``). Outside ``_installed``'s guard: a
-    forked engine core inherits the front end's "installed" state."""
-    import multiprocessing
-    import os
+def _patch_multiproc_executor(module) -> None:
+    """``MultiprocExecutor._init_executor`` (it starts the workers): names this
+    process's pid for them when it is itself a child process (vLLM's engine
+    core), so a worker whose watchdog ends it after a lost peer ends this engine
+    core too, which may be blocked in its data-parallel all-reduce with the
+    lost engine (``PeerWatchdog`` ``end_parent_pid``). Never in a user's main
+    process (an engine core run in-process): that one is left alone.
 
-    if multiprocessing.current_process().name.startswith("EngineCore"):
-        os.environ[envs.ENGINE_CORE_PID] = str(os.getpid())
+    A patch of the executor, not a step of the plugin's loading: a forked engine
+    core inherits vLLM's "plugins loaded" flag and loads none again."""
+    executor = module.MultiprocExecutor
+    original = executor._init_executor
+    if getattr(original, "_a2a_marks_engine_core", False):
+        return
+
+    @functools.wraps(original)
+    def _init_executor(self, *args, **kwargs):
+        import multiprocessing
+        import os
+
+        if multiprocessing.parent_process() is not None:
+            os.environ[envs.ENGINE_CORE_PID] = str(os.getpid())
+        return original(self, *args, **kwargs)
+
+    _init_executor._a2a_marks_engine_core = True
+    executor._init_executor = _init_executor
 
 
 # ------------------------------------------------------------ ParallelConfig
