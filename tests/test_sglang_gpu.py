@@ -16,6 +16,12 @@ Then one EP rank per process, 2 and 3 processes sharing the GPU: the pool
 shares their workspaces through CUDA IPC (torch symmetric memory and NCCL both
 refuse two ranks on one device), eager and under CUDA-graph capture/replay.
 Skipped unless SGLang, a GPU and our kernels are present.
+
+SGLang's state: every test publishes SGLang's config and states its groups the
+way SGLang's scheduler process does before its MoE layers run
+(``tests/sglang_support.py`` ``sglang_ep_state``): the Triton runner reads the
+published config (``get_exec()``) and the TP group; a process that is one EP
+rank also gets its ranks. The in-process tests put the previous state back.
 """
 
 from __future__ import annotations
@@ -25,11 +31,16 @@ import torch
 
 pytest.importorskip("sglang.srt.plugins", reason="SGLang is not installed (SGLang env only)")
 
-from tests.sglang_support import import_or_skip_without_sgl_kernel  # noqa: E402
+from tests.sglang_support import (  # noqa: E402
+    import_or_skip_without_sgl_kernel,
+    sglang_ep_state,
+)
 
 pytestmark = pytest.mark.gpu
 
-NUM_EXPERTS, HIDDEN, INTER, TOP_K = 16, 256, 128, 4
+# SGLang places E / EP experts on every rank: 24 divides every EP size used
+# here (2, 4 and 8 logical ranks; 2 and 3 processes).
+NUM_EXPERTS, HIDDEN, INTER, TOP_K = 24, 256, 128, 4
 
 
 def _sglang_triton_runner_or_skip():
@@ -51,12 +62,16 @@ def _sglang_triton_runner_or_skip():
     return MoeRunnerConfig, MoeRunner, TritonMoeQuantInfo, MoeRunnerBackend
 
 
-def _select_our_backend() -> None:
-    """What SGLang's initialize_moe_config does for --moe-a2a-backend a2a_one_sided."""
-    from sglang.srt.layers.moe.utils import MoeA2ABackend
-    from sglang.srt.runtime_context import get_flags
+@pytest.fixture
+def sglang_state():
+    """``enter(ep_size)`` enters SGLang's published state for ``ep_size``
+    logical EP ranks sharing this process (no rank of its own); the state this
+    process had before comes back at teardown."""
+    from contextlib import ExitStack
 
-    get_flags().moe.a2a_backend = MoeA2ABackend("a2a_one_sided")
+    _sglang_triton_runner_or_skip()  # before publishing: resolving imports SGLang's kernels
+    with ExitStack() as stack:
+        yield lambda ep_size: stack.enter_context(sglang_ep_state(ep_size))
 
 
 class _Setup:
@@ -65,7 +80,6 @@ class _Setup:
         from vllm_a2a_plugin import A2AConfig, AllToAllSpec, LocalRanks
         from vllm_a2a_plugin.sglang.dispatcher import EpPlacement, OneSidedDispatcher
 
-        _select_our_backend()
         device = torch.device("cuda", torch.cuda.current_device())
         gen = torch.Generator(device="cpu").manual_seed(3)
         self.p, self.device = p, device
@@ -151,7 +165,9 @@ def _set_dp_counts(counts):
 
 @pytest.mark.parametrize("p, counts", [(2, [9, 0]), (4, [5, 0, 17, 3]), (8, [2] * 7 + [0])])
 @pytest.mark.parametrize("dispatch_fp8", [False, True], ids=["bf16", "fp8"])
-def test_dispatcher_and_sglang_triton_runner_match_dense_moe(p, counts, dispatch_fp8):
+def test_dispatcher_and_sglang_triton_runner_match_dense_moe(p, counts, dispatch_fp8,
+                                                            sglang_state):
+    sglang_state(p)
     setup = _Setup(p, dispatch_fp8=dispatch_fp8)
     for step in range(2):
         step_counts = counts if step == 0 else counts[::-1]
@@ -166,8 +182,9 @@ def test_dispatcher_and_sglang_triton_runner_match_dense_moe(p, counts, dispatch
                                        msg=f"rank {rank} of {p}, step {step}")
 
 
-def test_cuda_graph_capture_replays_with_new_data():
+def test_cuda_graph_capture_replays_with_new_data(sglang_state):
     p, counts = 4, [6, 0, 11, 2]
+    sglang_state(p)
     setup = _Setup(p, dispatch_fp8=False)
     _set_dp_counts(counts)  # baked into the graph, as SGLang's graph buckets are
     xs, topks = setup.tokens(counts, seed=21)
@@ -192,7 +209,7 @@ def test_cuda_graph_capture_replays_with_new_data():
     assert all(r == (3, 3) for r in rounds), rounds  # warm-up and two replays (capture runs nothing)
 
 
-def test_two_batch_overlap_micro_batches_in_flight_on_separate_workspaces():
+def test_two_batch_overlap_micro_batches_in_flight_on_separate_workspaces(sglang_state):
     """SGLang's TBO order on P logical ranks: both micro-batches' sends
     (``dispatch_a``), other compute, then each one's wait -> Triton runner ->
     ``combine_a``, then both ``combine_b``. Each micro-batch has its own
@@ -204,6 +221,7 @@ def test_two_batch_overlap_micro_batches_in_flight_on_separate_workspaces():
     from vllm_a2a_plugin import A2AConfig, LocalRanks
     from vllm_a2a_plugin.sglang.dispatcher import EpPlacement, OneSidedDispatcher
 
+    sglang_state(p)
     setup = _Setup(p, dispatch_fp8=False)
     second = LocalRanks(setup.local.spec, mode="split",
                         config=A2AConfig(timeout_s=10.0, check_expert_ids=False))
@@ -264,13 +282,22 @@ def _rank_processes(rank, world_size, port, counts_per_step, dispatch_fp8, graph
 
     torch.cuda.set_device(0)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    _sglang_triton_runner_or_skip()
+    # This process is EP rank `rank` of an SGLang scheduler; its TP = EP group
+    # is the gloo WORLD (SGLang's own would open NCCL, refused on one GPU).
+    with sglang_ep_state(world_size, rank=rank, cpu_group=dist.group.WORLD, gpu_id=0):
+        _rank_layers(rank, world_size, counts_per_step, dispatch_fp8, graphs)
+
+
+def _rank_layers(rank, world_size, counts_per_step, dispatch_fp8, graphs):
+    import torch.distributed as dist
+
     runner_config_cls, runner_cls, quant_info_cls, backend = _sglang_triton_runner_or_skip()
     from sglang.srt.layers.moe.topk import StandardTopKOutput
 
     from vllm_a2a_plugin.sglang.dispatcher import (EpPlacement, OneSidedDispatcher, destroy_pools,
                                                    pool_for)
 
-    _select_our_backend()
     device = torch.device("cuda", 0)
     gen = torch.Generator(device="cpu").manual_seed(3)
     w13 = (torch.randn((NUM_EXPERTS, 2 * INTER, HIDDEN), generator=gen) / HIDDEN ** 0.5)

@@ -21,6 +21,19 @@ adds ``Scheduler.a2a_write_round_counts(path)`` (:func:`install_counter_rpc`),
 which writes each rank's device counters to ``<path>.rank<r>.json``.
 Attention runs on SGLang's Triton backend and sampling on torch (the staged
 SGLang carries no flashinfer).
+
+The staged sglang-kernel: on the GPU machines SGLang 0.5.23 runs with
+sglang-kernel 0.4.5 (``scripts/sglang_stage.py``: the last kernel built for
+their torch 2.11), below the 0.4.9 that ``sglang.Engine`` asserts before it
+starts anything (``entrypoints/engine.py`` ``_set_envs_and_config``, in this
+process; SGLang's only sglang-kernel version gate, none runs in the scheduler
+processes). When the installed sglang-kernel is exactly that staged version
+(read with ``importlib.metadata``), this harness skips that one assertion and
+prints a line saying so (:func:`allow_staged_sglang_kernel`); every other check,
+the flashinfer version included, stays. SGLang's own
+``SGLANG_SKIP_SGL_KERNEL_VERSION_CHECK`` is not used: it also drops the
+flashinfer check and answers every kernel-package version query with "new
+enough".
 """
 
 from __future__ import annotations
@@ -34,6 +47,46 @@ from pathlib import Path
 DEFAULT_PROMPTS = ("hello world the quick brown fox", "one two three four", "the expert model",
                    "red green blue")
 COUNTERS_RPC_ENV = "VLLM_A2A_SGLANG_COUNTERS_RPC"
+# scripts/sglang_stage.py KERNEL: what the GPU machines run SGLang 0.5.23 with.
+STAGED_SGLANG_KERNEL = "0.4.5"
+_KERNEL_DISTRIBUTIONS = ("sglang-kernel", "sglang_kernel")
+
+
+def allow_staged_sglang_kernel() -> bool:
+    """Let ``sglang.Engine`` start on the staged sglang-kernel (see the module
+    docstring); True when the gate was relaxed, False (nothing changed) for any
+    other installed version or none.
+
+    Wraps ``assert_pkg_version`` as ``entrypoints/engine.py`` calls it (its own
+    module-level name): only a minimum-version check of sglang-kernel is
+    skipped, every other package's check runs unchanged. Idempotent.
+    """
+    import importlib.metadata
+
+    try:
+        installed = importlib.metadata.version("sglang-kernel")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    if installed != STAGED_SGLANG_KERNEL:
+        return False
+    import sglang.srt.entrypoints.engine as engine_module
+
+    gate = engine_module.assert_pkg_version
+    if getattr(gate, "staged_kernel_allowed", False):
+        return True
+
+    def assert_pkg_version(pkg: str, min_version: str, message: str) -> None:
+        if pkg in _KERNEL_DISTRIBUTIONS:
+            print(f"SGLANG_ENGINE_CHECK: sglang-kernel {installed} is the staged kernel "
+                  f"(scripts/sglang_stage.py); skipping SGLang's sglang-kernel >= {min_version} "
+                  "check (entrypoints/engine.py _set_envs_and_config), and only that one",
+                  flush=True)
+            return
+        gate(pkg, min_version, message)
+
+    assert_pkg_version.staged_kernel_allowed = True
+    engine_module.assert_pkg_version = assert_pkg_version
+    return True
 
 
 def install_counter_rpc() -> None:
@@ -89,6 +142,7 @@ def run(model: str, out: Path, *, backend: str | None, graphs: bool, tp_size: in
         kwargs.update(cuda_graph_max_bs_decode=8, disable_prefill_cuda_graph=True)
     if backend:
         kwargs["moe_a2a_backend"] = backend
+    allow_staged_sglang_kernel()
     started = time.time()
     engine = sglang.Engine(**kwargs)
     try:
