@@ -33,6 +33,8 @@ mkdir -p "$out"
 # NVLink multicast stays off on these machines (it can take the host's GPUs down).
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 CUDA_DEVICE_MAX_CONNECTIONS=32 VLLM_A2A_CUDA_ARCHS=90a
+# A run cut short by a call's time limit still shows why its tests failed.
+export A2A_INSTANT_FAILURES=1
 export VLLM_A2A_BUILD_DIR=${VLLM_A2A_BUILD_DIR:-/tmp/a2a_build}
 commit=${A2A_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 # Installs this tree editable: registers our entry points for the engines' plugin
@@ -132,7 +134,9 @@ print("torch", torch.__version__)
 for name in ("sglang", "sglang.srt.plugins", "sgl_kernel",
              "sglang.srt.layers.moe.moe_runner.triton", "vllm_a2a_plugin.sglang.dispatcher",
              "sglang.srt.entrypoints.engine", "sglang.srt.managers.scheduler",
-             "sglang.srt.models.qwen3_moe", "sglang.srt.layers.attention.triton_backend"):
+             "sglang.srt.models.qwen3_moe", "sglang.srt.layers.attention.triton_backend",
+             "sglang.srt.managers.detokenizer_manager",
+             "sglang.srt.function_call.function_call_parser"):
     try:
         importlib.import_module(name)
         print("import", name, "ok")

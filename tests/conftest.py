@@ -51,3 +51,12 @@ def under_sanitizer() -> bool:
     """Set A2A_UNDER_SANITIZER=1 when running under compute-sanitizer: it
     serialises kernels, so ranks driven concurrently would wait on each other."""
     return os.environ.get("A2A_UNDER_SANITIZER", "") not in ("", "0")
+
+
+def pytest_runtest_logreport(report):
+    """``A2A_INSTANT_FAILURES=1``: print a failure's traceback as it happens.
+    The GPU machine's calls end at a hard time limit; a run cut short there
+    never reaches pytest's summary, and its failures would go unexplained."""
+    if report.failed and os.environ.get("A2A_INSTANT_FAILURES") == "1":
+        print(f"\n=== FAILED {report.nodeid} ({report.when})\n{report.longreprtext[-6000:]}\n",
+              flush=True)
