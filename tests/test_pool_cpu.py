@@ -69,3 +69,26 @@ def test_workspace_allocation_env_is_validated(monkeypatch):
     monkeypatch.setenv("VLLM_A2A_WORKSPACE", "nvshmem")
     with pytest.raises(ValueError, match="auto, symmetric or cuda_ipc"):
         envs.workspace_allocation()
+
+
+def _rank_watchdog_settings(rank, world_size, port):
+    import torch.distributed as dist
+
+    from vllm_a2a_plugin import A2AConfig
+    from vllm_a2a_plugin.pool import AllToAllPool
+
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    from vllm_a2a_plugin.watchdog import AbortWord
+
+    pool = AllToAllPool(dist.group.WORLD, device="cpu", config=A2AConfig(peer_lost_exit_s=4.0))
+    pool.abort = AbortWord()  # the kernel path's; the CPU reference needs none
+    pool._start_watchdog()  # what the kernel path runs before its first workspace
+    try:
+        assert pool.watchdog.exit_after_s == 4.0
+        assert pool.watchdog.end_parent_pid == 0  # not a vLLM worker
+    finally:
+        pool.watchdog.stop()
+
+
+def test_pool_starts_its_watchdog_with_the_configured_exit():
+    run_ranks(_rank_watchdog_settings, 2)

@@ -447,3 +447,20 @@ def test_main_process_is_never_named_for_workers(monkeypatch):
     with pytest.raises(_StopBeforeWorkers):
         MultiprocExecutor._init_executor(_ExecutorStandIn())
     assert envs.ENGINE_CORE_PID not in os.environ
+
+
+def test_engines_end_a_blocked_rank_by_default_and_the_variable_decides(monkeypatch):
+    """The vLLM and SGLang integrations end a rank 5 s after a loss nothing
+    handled (a DP rank without its EP peer cannot go on); library users keep
+    "never" unless they set the variable; 0 turns it off for engines too."""
+    from vllm_a2a_plugin import A2AConfig, envs
+
+    monkeypatch.delenv("VLLM_A2A_PEER_LOST_EXIT_S", raising=False)
+    assert envs.engine_config().peer_lost_exit_s == envs.ENGINE_PEER_LOST_EXIT_S == 5.0
+    assert A2AConfig().peer_lost_exit_s is None and envs.peer_lost_exit_seconds() == 0.0
+    monkeypatch.setenv("VLLM_A2A_PEER_LOST_EXIT_S", "0")
+    assert envs.engine_config().peer_lost_exit_s == 0.0
+    monkeypatch.setenv("VLLM_A2A_PEER_LOST_EXIT_S", "2.5")
+    assert envs.engine_config().peer_lost_exit_s == 2.5
+    with pytest.raises(A2AInputError):
+        A2AConfig(peer_lost_exit_s=-1.0)

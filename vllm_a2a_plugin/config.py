@@ -24,12 +24,18 @@ class A2AConfig:
         check_expert_ids: validate top-k ids on the host before each dispatch.
             It costs a device-to-host sync, so it is skipped under CUDA-graph
             capture; the kernels still guard memory and record bad ids.
+        peer_lost_exit_s: end the process this long after its peer watchdog saw
+            an EP peer lost and nothing rearmed it (0: never; None: from
+            ``VLLM_A2A_PEER_LOST_EXIT_S``, else never). For engines, whose step
+            may block in a host collective with the lost peer where no wait of
+            ours can end it (see :class:`vllm_a2a_plugin.watchdog.PeerWatchdog`).
     """
 
     threads_per_block: int = 256
     max_blocks: int = 0
     timeout_s: float = 120.0
     check_expert_ids: bool = True
+    peer_lost_exit_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.threads_per_block % 32 or not 32 <= self.threads_per_block <= 1024:
@@ -41,6 +47,8 @@ class A2AConfig:
             raise A2AInputError(f"max_blocks ({self.max_blocks}) must be >= 0")
         if not self.timeout_s > 0:
             raise A2AInputError(f"timeout_s ({self.timeout_s}) must be positive")
+        if self.peer_lost_exit_s is not None and not self.peer_lost_exit_s >= 0:
+            raise A2AInputError(f"peer_lost_exit_s ({self.peer_lost_exit_s}) must be >= 0")
 
     @property
     def timeout_ns(self) -> int:

@@ -101,13 +101,19 @@ def engine_core_parent_pid() -> int:
     return pid if pid == os.getppid() else 0
 
 
-def peer_lost_exit_seconds() -> float:
+# In vLLM and SGLang engines: a DP rank that lost an EP peer cannot go on (its
+# group cannot be rebuilt in place), so a rank whose step is blocked with the
+# lost peer ends rather than serve a frozen endpoint.
+ENGINE_PEER_LOST_EXIT_S = 5.0
+
+
+def peer_lost_exit_seconds(default: float = 0.0) -> float:
     """``VLLM_A2A_PEER_LOST_EXIT_S``: end the process this long after the watchdog
-    saw a peer lost and nothing rearmed it (``0``, the default: never). For
-    engines whose step can block in a host collective with the lost peer."""
+    saw a peer lost and nothing rearmed it (``0``: never; unset: ``default``).
+    For engines whose step can block in a host collective with the lost peer."""
     raw = os.environ.get("VLLM_A2A_PEER_LOST_EXIT_S")
     if raw is None or raw == "":
-        return 0.0
+        return default
     value = float(raw)
     if value < 0:
         raise ValueError(f"VLLM_A2A_PEER_LOST_EXIT_S must be >= 0, got {raw!r}")
@@ -132,3 +138,15 @@ def dbo_schedule() -> str:
         raise ValueError(
             f"VLLM_A2A_DBO_SCHEDULE must be one of {', '.join(DBO_SCHEDULES)}, got {raw!r}")
     return raw
+
+
+def engine_config():
+    """The :class:`~vllm_a2a_plugin.config.A2AConfig` of the vLLM and SGLang
+    integrations, from the environment: device timeout 120 s, no host check of
+    expert ids (the engines' routers produce valid ids; the kernels still guard
+    memory), and the lost-peer exit after ``ENGINE_PEER_LOST_EXIT_S``."""
+    from vllm_a2a_plugin.config import A2AConfig
+
+    return A2AConfig(timeout_s=timeout_seconds(120.0),
+                     check_expert_ids=check_expert_ids(False),
+                     peer_lost_exit_s=peer_lost_exit_seconds(ENGINE_PEER_LOST_EXIT_S))

@@ -156,7 +156,8 @@ class AllToAllPool:
             return
         self.watchdog = PeerWatchdog.start_for_group(
             self.cpu_group, abort=self.abort, interval_s=interval,
-            exit_after_s=envs.peer_lost_exit_seconds(),
+            exit_after_s=(envs.peer_lost_exit_seconds() if self.config.peer_lost_exit_s is None
+                          else self.config.peer_lost_exit_s),
             end_parent_pid=envs.engine_core_parent_pid())
         logger.info("a2a_one_sided: peer watchdog started (interval %.3g s)", interval)
 

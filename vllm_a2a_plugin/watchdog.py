@@ -190,6 +190,8 @@ class PeerWatchdog:
         self.abort = abort
         self.interval_s = interval_s
         self.tick_s = tick_s
+        self.exit_after_s = exit_after_s
+        self.end_parent_pid = end_parent_pid
         self._handle = int(torch.ops.a2a_one_sided.watchdog_start(
             segment_path, num_ranks, self.my_ranks, abort.tensor, int(interval_s * 1e9),
             max(1, int(tick_s * 1e9)), int(exit_after_s * 1e9), int(end_parent_pid)))

@@ -52,7 +52,6 @@ from sglang.srt.layers.moe.topk import StandardTopKOutput, TopKOutput, TopKOutpu
 
 from vllm_a2a_plugin import BACKEND_NAME, envs
 from vllm_a2a_plugin.all_to_all import PHASE_BOTH, PHASE_SEND
-from vllm_a2a_plugin.config import A2AConfig
 from vllm_a2a_plugin.errors import A2AInputError, A2AStateError
 from vllm_a2a_plugin.padding import linear_expert_owner
 from vllm_a2a_plugin.pool import AllToAllPool
@@ -73,9 +72,7 @@ def pool_for(cpu_group, device: torch.device) -> AllToAllPool:
     key = (id(cpu_group), str(device))
     pool = _POOLS.get(key)
     if pool is None:
-        config = A2AConfig(timeout_s=envs.timeout_seconds(120.0),
-                           check_expert_ids=envs.check_expert_ids(False))
-        pool = _POOLS[key] = AllToAllPool(cpu_group, device=device, config=config)
+        pool = _POOLS[key] = AllToAllPool(cpu_group, device=device, config=envs.engine_config())
     return pool
 
 

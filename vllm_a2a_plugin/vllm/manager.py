@@ -15,7 +15,6 @@ import torch
 from vllm.distributed.device_communicators.base_device_communicator import All2AllManagerBase
 
 from vllm_a2a_plugin import envs
-from vllm_a2a_plugin.config import A2AConfig
 from vllm_a2a_plugin.pool import MAX_MICRO_BATCHES, AllToAllPool
 from vllm_a2a_plugin.workspace import AllToAllSpec
 
@@ -36,8 +35,7 @@ class OneSidedAll2AllManager(All2AllManagerBase):
                 "a2a_one_sided needs every EP rank on one NVLink domain (one node); this "
                 f"EP group of {self.world_size} ranks spans nodes. Use another "
                 "--all2all-backend for multi-node EP.")
-        self.config = A2AConfig(timeout_s=envs.timeout_seconds(120.0),
-                                check_expert_ids=envs.check_expert_ids(False))
+        self.config = envs.engine_config()
         self.pool = AllToAllPool(cpu_group, device=device, config=self.config)
         self.device = self.pool.device
 
