@@ -79,7 +79,10 @@ def sglang_ep_state(ep_size: int, *, rank: int | None = None, cpu_group=None,
 
     Restoring goes through SGLang's ``snapshot_context`` / ``restore_context``
     (what ``sglang.Engine`` does when a launch fails), ranks and groups included.
+    The per-step DP sizes (``set_dp_buffer_len``: the per-DP-rank token counts
+    our dispatcher reads) live outside that context, so they are put back too.
     """
+    from sglang.srt.layers import dp_attention
     from sglang.srt.layers.dp_attention import initialize_dp_attention_flags
     from sglang.srt.layers.moe.utils import initialize_moe_config
     from sglang.srt.plugins import load_plugins
@@ -93,6 +96,10 @@ def sglang_ep_state(ep_size: int, *, rank: int | None = None, cpu_group=None,
     load_plugins()  # as every SGLang process does first: our flag value parses
     register()  # idempotent; where the package runs from PYTHONPATH no entry point is installed
     saved = snapshot_context()
+    saved_dp_sizes = (dp_attention.get_global_dp_buffer_len(),
+                      dp_attention.get_local_dp_buffer_len(), dp_attention.is_dp_max_padding(),
+                      dp_attention.get_dp_global_num_tokens(),
+                      dp_attention._DpGatheredBufferWrapper.get_dp_global_num_tokens_gpu())
     # The snapshot holds the parallel context's override and stamp dicts by
     # reference, and override() / publish() grow those in place: keep copies,
     # or the restore would bring this state's groups and ranks back.
@@ -113,3 +120,4 @@ def sglang_ep_state(ep_size: int, *, rank: int | None = None, cpu_group=None,
             yield args
     finally:
         restore_context(saved)
+        dp_attention.set_dp_buffer_len(*saved_dp_sizes)

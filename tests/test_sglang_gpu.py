@@ -28,6 +28,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+# torch's graph class is torch.cuda.CUDAGraph (torch 2.11 to 2.14 have no torch.cuda.Graph:
+# the H100 run's graph test died of that AttributeError). Bound here so a
+# wrong name fails collection on a CPU machine too, not only on a GPU.
+from torch.cuda import CUDAGraph
 
 pytest.importorskip("sglang.srt.plugins", reason="SGLang is not installed (SGLang env only)")
 
@@ -190,7 +194,7 @@ def test_cuda_graph_capture_replays_with_new_data(sglang_state):
     xs, topks = setup.tokens(counts, seed=21)
     setup.step(xs, topks)  # warm-up: Triton autotune/compile and allocator pools
     setup.local.synchronize()
-    graph = torch.cuda.Graph()
+    graph = CUDAGraph()
     with torch.cuda.graph(graph):
         outs = setup.step(xs, topks)
     for seed in (31, 32):
@@ -333,7 +337,7 @@ def _rank_layers(rank, world_size, counts_per_step, dispatch_fp8, graphs):
             layer(x, w, ids)  # warm-up: Triton compile, allocator pools
             torch.cuda.synchronize()
             dist.barrier()
-            graph = torch.cuda.Graph()
+            graph = CUDAGraph()
             with torch.cuda.graph(graph):
                 out = layer(x, w, ids)
             new_xs, new_topks = setup.tokens(counts, seed=90 + step)
@@ -349,6 +353,9 @@ def _rank_layers(rank, world_size, counts_per_step, dispatch_fp8, graphs):
         expected = setup.dense(x, w, ids, fp8_input=dispatch_fp8)
         torch.testing.assert_close(out.float(), expected, rtol=3e-2, atol=3e-2,
                                    msg=f"rank {rank} of {world_size}, step {step}")
+        # This step's graph and its output (a block of that graph's pool) go now,
+        # not when the next capture rebinds `out`: nothing is freed mid-capture.
+        out = graph = None
     rounds = dispatcher.all_to_all.completed_rounds()
     want = len(counts_per_step) * (2 if graphs else 1)
     assert rounds == (want, want), rounds
