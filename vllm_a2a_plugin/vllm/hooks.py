@@ -119,8 +119,6 @@ def install() -> None:
         _installed = True
 
 
-
-
 def _patch_multiproc_executor(module) -> None:
     """``MultiprocExecutor._init_executor`` (it starts the workers): names this
     process's pid for them when it is itself a child process (vLLM's engine
