@@ -257,10 +257,15 @@ def test_departed_peer_is_not_lost():
         _finish(procs)
 
 
-def _lose_and_wait(exit_after_s: float) -> None:
+def _lose_and_wait(exit_after_s: float, end_engine_core: bool = False) -> None:
+    """Lose a peer (a paused logical rank) and wait to be ended by the watchdog;
+    ``end_engine_core``: as a vLLM worker, whose parent named itself its engine core."""
+    from vllm_a2a_plugin import envs
+
     abort = AbortWord()
-    watchdog = PeerWatchdog.start_local(2, abort=abort, interval_s=0.2,
-                                        exit_after_s=exit_after_s)
+    watchdog = PeerWatchdog.start_local(
+        2, abort=abort, interval_s=0.2, exit_after_s=exit_after_s,
+        end_parent_pid=envs.engine_core_parent_pid() if end_engine_core else 0)
     watchdog.pause_heartbeat(1)
     time.sleep(30)  # ended by the watchdog long before this
 
@@ -345,19 +350,9 @@ def _engine_core_with_a_worker(ignore_sigterm: bool) -> None:
     if ignore_sigterm:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     os.environ[envs.ENGINE_CORE_PID] = str(os.getpid())
-    worker = mp.get_context("spawn").Process(target=_worker_losing_a_peer)
+    worker = mp.get_context("spawn").Process(target=_lose_and_wait, args=(0.3, True))
     worker.start()
     time.sleep(60)  # ended by the worker's watchdog long before this
-
-
-def _worker_losing_a_peer() -> None:
-    from vllm_a2a_plugin import envs
-
-    abort = AbortWord()
-    watchdog = PeerWatchdog.start_local(2, abort=abort, interval_s=0.2, exit_after_s=0.3,
-                                        end_parent_pid=envs.engine_core_parent_pid())
-    watchdog.pause_heartbeat(1)
-    time.sleep(60)
 
 
 @pytest.mark.parametrize("ignore_sigterm", [True, False], ids=["blocked", "responsive"])
