@@ -31,9 +31,10 @@ RUN_TIMEOUT_S = float(os.environ.get("SGLANG_ENGINE_RUN_TIMEOUT_S", "240"))
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
+    from vllm_a2a_plugin.testing.sglang_engine_check import sglang_tiny_moe_spec
     from vllm_a2a_plugin.testing.tiny_moe import make_tiny_moe
 
-    return make_tiny_moe(tmp_path_factory.mktemp("tiny-moe"))
+    return make_tiny_moe(tmp_path_factory.mktemp("tiny-moe"), sglang_tiny_moe_spec())
 
 
 def _engine_run(model: Path, out_dir: Path, name: str, *flags: str) -> dict:

@@ -50,6 +50,19 @@ COUNTERS_RPC_ENV = "VLLM_A2A_SGLANG_COUNTERS_RPC"
 # scripts/sglang_stage.py KERNEL: what the GPU machines run SGLang 0.5.23 with.
 STAGED_SGLANG_KERNEL = "0.4.5"
 _KERNEL_DISTRIBUTIONS = ("sglang-kernel", "sglang_kernel")
+# SGLang's CUDA RoPE kernel takes head sizes 64/128/256/512 only; any other
+# falls back to a kernel that cannot also write the KV cache, which Qwen3-MoE
+# asks of it with a bf16 cache (``rotary_embedding/base.py`` asserts "save kv
+# cache is not supported for fallback_rotary_embedding"). The default tiny
+# model's 32 would stop both the reference and our run there.
+SGLANG_HEAD_DIM = 64
+
+
+def sglang_tiny_moe_spec():
+    """The tiny Qwen3-MoE with a head size SGLang's CUDA RoPE path accepts."""
+    from vllm_a2a_plugin.testing.tiny_moe import TinyMoESpec
+
+    return TinyMoESpec(head_dim=SGLANG_HEAD_DIM)
 
 
 def allow_staged_sglang_kernel() -> bool:
@@ -181,7 +194,7 @@ def main(argv=None) -> None:
     if not (Path(args.model) / "model.safetensors").exists():
         from vllm_a2a_plugin.testing.tiny_moe import make_tiny_moe
 
-        make_tiny_moe(args.model)
+        make_tiny_moe(args.model, sglang_tiny_moe_spec())
     result = run(args.model, args.out, backend=args.backend, graphs=args.graphs,
                  tp_size=args.tp_size, max_new_tokens=args.max_new_tokens,
                  mem_fraction=args.mem_fraction)
