@@ -12,6 +12,7 @@ import ctypes
 import os
 import queue
 import signal
+import threading
 import time
 
 import pytest
@@ -442,6 +443,48 @@ def test_main_process_is_never_named_for_workers(monkeypatch):
     with pytest.raises(_StopBeforeWorkers):
         MultiprocExecutor._init_executor(_ExecutorStandIn())
     assert envs.ENGINE_CORE_PID not in os.environ
+
+
+def test_offline_client_raises_when_its_engine_core_dies():
+    """vLLM's offline client (``SyncMPClient``) blocked in ``get_output`` when
+    the engine-core monitor finds its engine dead (what our watchdog's exit of
+    a blocked engine core looks like to it): it raises ``EngineDeadError``
+    instead of waiting forever. The client is vLLM's own, shut down the way its
+    monitor does it; only the engine processes are absent."""
+    pytest.importorskip("vllm", reason="vLLM is not installed (vLLM envs only)")
+    import weakref
+
+    from vllm_a2a_plugin.vllm import hooks
+
+    hooks.install()
+    from vllm.v1.engine.core_client import BackgroundResources, SyncMPClient
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    client = SyncMPClient.__new__(SyncMPClient)
+    client.resources = BackgroundResources(ctx=None)
+    client._finalizer = weakref.finalize(client, client.resources)
+    client.outputs_queue = queue.Queue()
+    raised = queue.Queue()
+
+    def generate():
+        try:
+            client.get_output()
+        except BaseException as error:  # noqa: BLE001 - handed to the test thread
+            raised.put(error)
+
+    waiter = threading.Thread(target=generate, daemon=True)
+    waiter.start()
+    client.resources.engine_dead = True  # vLLM's MPClientEngineMonitor, then:
+    client.shutdown()
+    assert isinstance(raised.get(timeout=5), EngineDeadError)
+    waiter.join(5)
+
+    alive = SyncMPClient.__new__(SyncMPClient)  # a normal shutdown queues nothing
+    alive.resources = BackgroundResources(ctx=None)
+    alive._finalizer = weakref.finalize(alive, alive.resources)
+    alive.outputs_queue = queue.Queue()
+    alive.shutdown()
+    assert alive.outputs_queue.empty()
 
 
 def test_engines_end_a_blocked_rank_by_default_and_the_variable_decides(monkeypatch):

@@ -37,6 +37,13 @@ Patched (and why):
     pid for them in ``VLLM_A2A_ENGINE_CORE_PID``: a worker that its peer
     watchdog ends after a lost peer ends that engine core too, which otherwise
     waits forever in its data-parallel all-reduce with a stopped peer's engine.
+  * ``SyncMPClient.shutdown`` (``v1/engine/core_client.py``, the client of
+    offline ``LLM``): when vLLM's engine-core monitor finds the engine core
+    dead it marks the client dead and shuts it down, which stops the output
+    thread without telling a caller blocked in ``get_output`` (the async
+    client does put ``EngineDeadError`` on its queue). An engine core ended by
+    our watchdog would leave ``LLM.generate`` waiting forever; after a
+    shutdown of a dead engine the queue gets ``EngineDeadError``, so it raises.
 
 Left alone on purpose (decisions for the other name checks of design §6, the
 same code in 0.32 and 0.33 unless noted):
@@ -94,6 +101,7 @@ _ALL2ALL_UTILS = "vllm.model_executor.layers.fused_moe.all2all_utils"
 _PARALLEL_CONFIG = "vllm.config.parallel"
 _VLLM_CONFIG = "vllm.config.vllm"
 _MULTIPROC_EXECUTOR = "vllm.v1.executor.multiproc_executor"
+_CORE_CLIENT = "vllm.v1.engine.core_client"
 # A name vLLM's micro-batching check accepts on every platform (see _patch_vllm_config).
 _MICRO_BATCHING_BACKEND_NAME = "deepep_low_latency"
 
@@ -111,6 +119,7 @@ def install() -> None:
         when_imported(_CPU_COMMUNICATOR, _patch_communicator("CpuCommunicator"))
         when_imported(_ALL2ALL_UTILS, _patch_prepare_finalize_factory)
         when_imported(_MULTIPROC_EXECUTOR, _patch_multiproc_executor)
+        when_imported(_CORE_CLIENT, _patch_sync_client_shutdown)
         if envs.single_rank_test_mode():
             from vllm_a2a_plugin.vllm import single_rank_mode
 
@@ -145,6 +154,36 @@ def _patch_multiproc_executor(module) -> None:
 
     _init_executor._a2a_marks_engine_core = True
     executor._init_executor = _init_executor
+
+
+def _patch_sync_client_shutdown(module) -> None:
+    """``SyncMPClient.shutdown``: a dead engine core wakes ``get_output``.
+
+    vLLM's monitor sets ``resources.engine_dead`` and then calls ``shutdown()``;
+    the output thread exits without queueing anything, so a caller blocked in
+    ``get_output`` (``LLM.generate``) would wait forever. After the original
+    shutdown, a dead client's queue gets ``EngineDeadError``, which
+    ``get_output`` raises. A normal shutdown (engine alive) is unchanged."""
+    client_class = module.SyncMPClient
+    original = client_class.shutdown
+    if getattr(original, "_a2a_wakes_dead_engine_waiters", False):
+        return
+
+    @functools.wraps(original)
+    def shutdown(self, *args, **kwargs):
+        # Read before the original: its resource cleanup marks every client
+        # dead, also on a normal shutdown.
+        resources = getattr(self, "resources", None)
+        engine_was_dead = resources is not None and resources.engine_dead
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            outputs = getattr(self, "outputs_queue", None)
+            if engine_was_dead and outputs is not None:
+                outputs.put_nowait(module.EngineDeadError())
+
+    shutdown._a2a_wakes_dead_engine_waiters = True
+    client_class.shutdown = shutdown
 
 
 # ------------------------------------------------------------ ParallelConfig
