@@ -282,6 +282,10 @@ def test_served_dp2_request_in_flight_errors_and_health_reports_dead(tiny_model,
             "engine_stopped_by": _cause(text), "our_error": "A2APeerLostError" in text}))
         assert answer.get("status") != 200 or "error" in answer.get("body", "").lower(), answer
         assert health != 200, "the survivor still reports healthy"
-        assert "EP rank 1 lost" in text or "EP rank 1 was lost" in text, text[-5000:]
+        # Which word comes first is a race: vLLM's gloo all-reduce may see the
+        # closed socket and tear the engine down (its workers too) before our
+        # watchdog's next look; either is a known, fast end (no hang, no timeout).
+        assert _cause(text) != "unknown", text[-5000:]
+        assert "A2ATimeoutError" not in text
     finally:
         _stop_all(procs, grace_s=20)
