@@ -460,10 +460,14 @@ def test_offline_client_raises_when_its_engine_core_dies():
     from vllm.v1.engine.core_client import BackgroundResources, SyncMPClient
     from vllm.v1.engine.exceptions import EngineDeadError
 
-    client = SyncMPClient.__new__(SyncMPClient)
-    client.resources = BackgroundResources(ctx=None)
-    client._finalizer = weakref.finalize(client, client.resources)
-    client.outputs_queue = queue.Queue()
+    def client_without_engines():
+        client = SyncMPClient.__new__(SyncMPClient)
+        client.resources = BackgroundResources(ctx=None)
+        client._finalizer = weakref.finalize(client, client.resources)
+        client.outputs_queue = queue.Queue()
+        return client
+
+    client = client_without_engines()
     raised = queue.Queue()
 
     def generate():
@@ -479,10 +483,7 @@ def test_offline_client_raises_when_its_engine_core_dies():
     assert isinstance(raised.get(timeout=5), EngineDeadError)
     waiter.join(5)
 
-    alive = SyncMPClient.__new__(SyncMPClient)  # a normal shutdown queues nothing
-    alive.resources = BackgroundResources(ctx=None)
-    alive._finalizer = weakref.finalize(alive, alive.resources)
-    alive.outputs_queue = queue.Queue()
+    alive = client_without_engines()  # a normal shutdown queues nothing
     alive.shutdown()
     assert alive.outputs_queue.empty()
 
