@@ -140,7 +140,7 @@ def _patch_multiproc_executor(module) -> None:
     core inherits vLLM's "plugins loaded" flag and loads none again."""
     executor = module.MultiprocExecutor
     original = executor._init_executor
-    if getattr(original, "_a2a_marks_engine_core", False):
+    if getattr(original, "_a2a_wrapped", False):
         return
 
     @functools.wraps(original)
@@ -152,7 +152,7 @@ def _patch_multiproc_executor(module) -> None:
             os.environ[envs.ENGINE_CORE_PID] = str(os.getpid())
         return original(self, *args, **kwargs)
 
-    _init_executor._a2a_marks_engine_core = True
+    _init_executor._a2a_wrapped = True
     executor._init_executor = _init_executor
 
 
@@ -166,7 +166,7 @@ def _patch_sync_client_shutdown(module) -> None:
     ``get_output`` raises. A normal shutdown (engine alive) is unchanged."""
     client_class = module.SyncMPClient
     original = client_class.shutdown
-    if getattr(original, "_a2a_wakes_dead_engine_waiters", False):
+    if getattr(original, "_a2a_wrapped", False):
         return
 
     @functools.wraps(original)
@@ -182,7 +182,7 @@ def _patch_sync_client_shutdown(module) -> None:
             if engine_was_dead and outputs is not None:
                 outputs.put_nowait(module.EngineDeadError())
 
-    shutdown._a2a_wakes_dead_engine_waiters = True
+    shutdown._a2a_wrapped = True
     client_class.shutdown = shutdown
 
 
